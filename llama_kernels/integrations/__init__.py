@@ -1,0 +1,1 @@
+"""Drop-in use of llama-kernels inside other codebases."""

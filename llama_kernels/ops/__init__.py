@@ -1,0 +1,12 @@
+"""Registered ops (torch.library) and the functional names defined next to them."""
+
+from llama_kernels.ops._backend import available_backends, use_backend
+from llama_kernels.ops.flash_attention import flash_attention
+from llama_kernels.ops.rms_norm import add_rms_norm, rms_norm
+from llama_kernels.ops.rotary import apply_rotary, rotary_tables
+from llama_kernels.ops.swiglu import swiglu
+
+__all__ = [
+    "add_rms_norm", "apply_rotary", "available_backends", "flash_attention", "rms_norm",
+    "rotary_tables", "swiglu", "use_backend",
+]
