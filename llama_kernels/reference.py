@@ -126,7 +126,8 @@ def apply_rotary(x, cos, sin, *, interleaved: bool = False, positions=None,
 
 def rotary_table_grads(dy, x, cos, sin, *, interleaved: bool = False, positions=None):
     """Gradients of ``apply_rotary`` w.r.t. the tables (fp32, shaped like cos and sin)."""
-    dyf, xf = dy.float(), x.float()
+    ct = torch.promote_types(torch.promote_types(dy.dtype, cos.dtype), torch.float32)
+    dyf, xf = dy.to(ct), x.to(ct)
     if interleaved:
         a, b = xf[..., 0::2], xf[..., 1::2]
         da, db = dyf[..., 0::2], dyf[..., 1::2]
@@ -137,8 +138,8 @@ def rotary_table_grads(dy, x, cos, sin, *, interleaved: bool = False, positions=
     # out_a = a c - b s, out_b = a s + b c
     dc = (da * a + db * b).sum(2)  # (B, S, D/2)
     ds = (db * a - da * b).sum(2)
-    dcos = torch.zeros_like(cos, dtype=torch.float32)
-    dsin = torch.zeros_like(sin, dtype=torch.float32)
+    dcos = torch.zeros_like(cos, dtype=ct)
+    dsin = torch.zeros_like(sin, dtype=ct)
     if positions is None:
         seqlen = x.shape[1]
         dcos[:seqlen] += dc.sum(0)

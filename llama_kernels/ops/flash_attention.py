@@ -31,7 +31,7 @@ def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_s
         return _backend.triton_module("flash_attention").flash_attention_fwd(
             q, k, v, causal, softmax_scale)
     out, lse = reference.attention_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    return out, lse
+    return out.contiguous(), lse.contiguous()
 
 
 @flash_attention_fwd.register_fake
@@ -49,8 +49,9 @@ def flash_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         return _backend.cuda_op("flash_attention_bwd_cuda")(*args)
     if backend == "triton":
         return _backend.triton_module("flash_attention").flash_attention_bwd(*args)
-    return reference.attention_backward(dout, q, k, v, out, lse, causal=causal,
-                                        softmax_scale=softmax_scale)
+    grads = reference.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                         softmax_scale=softmax_scale)
+    return tuple(g.contiguous() for g in grads)
 
 
 @flash_attention_bwd.register_fake

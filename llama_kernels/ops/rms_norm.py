@@ -28,13 +28,14 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[T
     elif backend == "triton":
         y, rstd = _backend.triton_module("rms_norm").rms_norm_fwd(_rows(x), weight, eps)
     else:
-        return reference.rms_norm(x, weight, eps), reference.rms_norm_rstd(x, eps)
+        y, rstd = reference.rms_norm(x, weight, eps), reference.rms_norm_rstd(x, eps)
+        return y.contiguous(), rstd.contiguous()
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps, backend):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("llama_kernels::add_rms_norm_fwd", mutates_args=())
@@ -48,14 +49,14 @@ def add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
             _rows(x), _rows(residual), weight, eps)
     else:
         y, h = reference.add_rms_norm(x, residual, weight, eps)
-        return y, h, reference.rms_norm_rstd(h, eps)
+        return y.contiguous(), h.contiguous(), reference.rms_norm_rstd(h, eps).contiguous()
     return y.view(x.shape), h.view(x.shape), rstd.view(x.shape[:-1])
 
 
 @add_rms_norm_fwd.register_fake
 def _(x, residual, weight, eps, backend):
     rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x), torch.empty_like(x), rstd
+    return x.new_empty(x.shape), x.new_empty(x.shape), rstd
 
 
 @torch.library.custom_op("llama_kernels::rms_norm_bwd", mutates_args=())
@@ -63,7 +64,9 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor
                  backend: str) -> tuple[Tensor, Tensor]:
     if backend == "torch":
         dx, dw = reference.rms_norm_backward(dy, x, weight, rstd)
-        return (dx if dh is None else (dx.float() + dh.float()).to(dx.dtype)), dw
+        if dh is not None:
+            dx = (dx.float() + dh.float()).to(dx.dtype)
+        return dx.contiguous(), dw
     args = (_rows(dy), _rows(x), weight.contiguous(), rstd.reshape(-1).contiguous(),
             None if dh is None else _rows(dh))
     if backend == "cuda":
@@ -75,7 +78,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor
 
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd, dh, backend):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _rms_norm_setup(ctx, inputs, output):

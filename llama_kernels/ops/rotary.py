@@ -24,7 +24,7 @@ def rotary_apply(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None,
                  interleaved: bool, conjugate: bool, backend: str) -> Tensor:
     if backend == "torch":
         return reference.apply_rotary(x, cos, sin, interleaved=interleaved,
-                                      positions=positions, conjugate=conjugate)
+                                      positions=positions, conjugate=conjugate).contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
     args = (x, cos.contiguous(), sin.contiguous(),

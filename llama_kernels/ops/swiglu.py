@@ -24,7 +24,7 @@ def swiglu_fwd(gate: Tensor, up: Tensor, backend: str) -> Tensor:
     elif backend == "triton":
         out = _backend.triton_module("swiglu").swiglu_fwd(_rows(gate), _rows(up))
     else:
-        return reference.swiglu(gate, up)
+        return reference.swiglu(gate, up).contiguous()
     return out.view(gate.shape)
 
 
@@ -41,7 +41,7 @@ def swiglu_bwd(dout: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Te
         dgate, dup = _backend.triton_module("swiglu").swiglu_bwd(
             _rows(dout), _rows(gate), _rows(up))
     else:
-        return reference.swiglu_backward(dout, gate, up)
+        return tuple(g.contiguous() for g in reference.swiglu_backward(dout, gate, up))
     return dgate.view(gate.shape), dup.view(up.shape)
 
 
