@@ -105,6 +105,15 @@ def _direction_fn(impl, inputs, direction):
     return lambda: torch.autograd.grad(outputs(), leaves, grads)
 
 
+def _write(record: dict, json_path: str, md_path: str) -> str:
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    md = report.markdown(record)
+    with open(md_path, "w") as f:
+        f.write(md)
+    return md
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -146,19 +155,15 @@ def main(argv=None) -> int:
             c.impls.pop("torch.compile", None)
             c.directions = ("fwd", "bwd")
 
-    results = []
-    for case in _progress(cases, "benchmarks"):
-        results += run_case(case, ceilings, args.quick)
-
+    results: list[dict] = []
     record = {"environment": env, "ceilings": vars(ceilings), "args": vars(args),
               "notes": notes, "results": results}
     json_path = os.path.join(args.out, "results.json")
-    with open(json_path, "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    md = report.markdown(record)
     md_path = os.path.join(args.out, "report.md")
-    with open(md_path, "w") as f:
-        f.write(md)
+    for case in _progress(cases, "benchmarks"):
+        results += run_case(case, ceilings, args.quick)
+        _write(record, json_path, md_path)  # after every case, so a cut-off run keeps its rows
+    md = _write(record, json_path, md_path)
     if not args.no_plots:
         report.plots(record, args.out)
     print(md)

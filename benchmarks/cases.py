@@ -74,13 +74,28 @@ def eager_attention(q, k, v, causal=True):
 
 
 def _liger():
+    """Liger-Kernel's autograd functions, called as its own modules call them (no in-place)."""
     try:
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
-    return {"rms_norm": lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6),
-            "swiglu": lambda g, u: LigerSiLUMulFunction.apply(g, u)}
+
+    def rope(q, k, cos, sin):
+        # Liger takes (B, H, S, D) views and full-width (S, D) tables; it rotates in place.
+        cos, sin = torch.cat((cos, cos), -1).to(q.dtype), torch.cat((sin, sin), -1).to(q.dtype)
+        q2, k2 = LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q2.transpose(1, 2), k2.transpose(1, 2)
+
+    return {
+        "rms_norm": lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
+        "add_rms_norm": lambda x, r, w: LigerFusedAddRMSNormFunction.apply(
+            x, r, w, 1e-6, 0.0, "llama", False),
+        "swiglu": lambda g, u: LigerSiLUMulFunction.apply(g, u),
+        "rope": rope,
+    }
 
 
 LIGER = _liger()
@@ -147,6 +162,8 @@ def row_cases(backends, presets, tokens, dtype, device):
         impls = _ours(lambda x, r, w, backend: lk.add_rms_norm(x, r, w, backend=backend),
                       backends)
         _with_compile(impls, "eager", eager_add_rms_norm)
+        if LIGER:
+            impls["liger"] = LIGER["add_rms_norm"]
         cases.append(Case("add_rms_norm", f"{name} tokens={n} dim={dim}", n * dim, impls,
                           add_inputs, bytes_fn=add_bytes))
 
@@ -169,18 +186,25 @@ def row_cases(backends, presets, tokens, dtype, device):
         batch = max(1, n // seqlen)
         cos, sin = lk.rotary_tables(seqlen, HEAD_DIM, device=device)
 
-        def rotary_inputs(heads=heads, batch=batch):
-            return [torch.randn(batch, seqlen, heads, HEAD_DIM, device=device, dtype=dtype)]
+        def rotary_inputs(heads=heads, batch=batch):  # q and k of one layer
+            shape = (batch, seqlen, heads, HEAD_DIM)
+            return [torch.randn(shape, device=device, dtype=dtype),
+                    torch.randn(shape, device=device, dtype=dtype)]
 
         def rotary_bytes(direction, heads=heads, batch=batch):
-            one = 2 * batch * seqlen * heads * HEAD_DIM * s + 2 * seqlen * HEAD_DIM // 2 * 4
+            one = 4 * batch * seqlen * heads * HEAD_DIM * s + 2 * seqlen * HEAD_DIM // 2 * 4
             return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[direction]
 
-        impls = _ours(lambda x, backend, cos=cos, sin=sin: lk.apply_rotary(
-            x, cos, sin, backend=backend), backends)
-        _with_compile(impls, "eager", lambda x, cos=cos, sin=sin: eager_rotary(x, cos, sin))
-        cases.append(Case("apply_rotary", f"{name} batch={batch} seqlen={seqlen} heads={heads}",
-                          batch * seqlen * heads * HEAD_DIM, impls, rotary_inputs,
+        impls = _ours(lambda q, k, backend, cos=cos, sin=sin: (
+            lk.apply_rotary(q, cos, sin, backend=backend),
+            lk.apply_rotary(k, cos, sin, backend=backend)), backends)
+        _with_compile(impls, "eager", lambda q, k, cos=cos, sin=sin: (
+            eager_rotary(q, cos, sin), eager_rotary(k, cos, sin)))
+        if LIGER:
+            impls["liger"] = lambda q, k, cos=cos, sin=sin: LIGER["rope"](q, k, cos, sin)
+        cases.append(Case("apply_rotary",
+                          f"{name} q+k batch={batch} seqlen={seqlen} heads={heads}",
+                          2 * batch * seqlen * heads * HEAD_DIM, impls, rotary_inputs,
                           bytes_fn=rotary_bytes))
     return cases
 
