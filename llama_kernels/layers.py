@@ -1,0 +1,184 @@
+"""The LLaMA layers as thin modules over the functional ops.
+
+Parameter names follow Meta's reference code (``wq``/``wk``/``wv``/``wo``, ``w1``/``w2``/``w3``,
+``attention_norm``/``ffn_norm``) so its checkpoints load as they are. Every computation goes
+through ``llama_kernels.ops``, so the backend choice (``backend=`` keyword, ``use_backend``,
+``LLAMA_KERNELS_BACKEND``, auto) reaches every layer. Layouts are Meta's: activations
+``(batch, seqlen, dim)``, heads ``(batch, seqlen, heads, head_dim)``.
+
+Residual fusion. A pre-norm block computes ``h = x + attn(norm1(x)); out = h + ffn(norm2(h))``.
+Each residual add is immediately followed by an RMSNorm (the block's own ``ffn_norm``, or the
+*next* block's ``attention_norm``, or the model's final ``norm``), so ``add_rms_norm`` fuses
+them: a block takes and returns the pair ``(delta, residual)`` whose sum is the hidden state,
+and leaves the last add to whichever norm comes next (as flash-attn's prenorm blocks do). Each
+residual sum is the same single rounding to the model dtype as Meta's ``h = x + ...``; only
+where it is computed moves. A block holds one fused add + norm (ffn_norm) and one norm that is
+fused with the previous block's last add (attention_norm; a plain norm in the first block).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from llama_kernels.ops import add_rms_norm, apply_rotary, flash_attention, rms_norm, swiglu
+
+
+def ffn_hidden_dim(hidden_dim: int, multiple_of: int,
+                   ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's FFN width rule: ``2/3 * hidden_dim`` (keeping SwiGLU's parameter count equal to a
+    ``hidden_dim`` ReLU FFN), times an optional multiplier, rounded up to ``multiple_of``."""
+    hidden_dim = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x**2) + eps) * weight`` over the last dimension."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``rms_norm(x)``; with ``residual``, ``(rms_norm(x + residual), x + residual)``."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``.
+
+    ``hidden_dim`` is Meta's nominal width (``4 * dim``), turned into the real one by
+    ``ffn_hidden_dim``; ``exact=True`` takes ``hidden_dim`` as the real width (Hugging Face
+    configs state it as ``intermediate_size``).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int,
+                 ffn_dim_multiplier: float | None = None, *, exact: bool = False):
+        super().__init__()
+        if not exact:
+            hidden_dim = ffn_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
+        self.hidden_dim = hidden_dim
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embedding, grouped-query heads and an optional KV cache.
+
+    Rotary uses Meta's interleaved pairs ``(x[2i], x[2i+1])``, the layout Meta's checkpoints were
+    trained with (``Transformer.from_hf`` undoes Hugging Face's row permutation to match it).
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if dim % n_heads:
+            raise ValueError(f"n_heads: {n_heads} must divide dim {dim}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads: {n_kv_heads} must divide n_heads {n_heads}")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.register_buffer("cache_k", None, persistent=False)  # set up by setup_cache
+        self.register_buffer("cache_v", None, persistent=False)
+
+    def setup_cache(self, max_batch: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
+                    device: torch.device | None = None) -> None:
+        """Allocate zeroed ``(max_batch, max_seq_len, n_kv_heads, head_dim)`` key and value
+        buffers (dtype and device of the weights unless given); forward then uses them."""
+        dtype = self.wk.weight.dtype if dtype is None else dtype
+        device = self.wk.weight.device if device is None else device
+        shape = (max_batch, max_seq_len, self.n_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+
+    def clear_cache(self) -> None:
+        self.cache_k = self.cache_v = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int = 0, *,
+                use_cache: bool = True) -> Tensor:
+        """``x`` (B, S, dim) at positions ``start_pos .. start_pos + S - 1``; ``cos``/``sin``
+        are the fp32 rotary rows of those positions, ``(S, head_dim // 2)``.
+
+        With a cache set up (and ``use_cache``), the new keys and values are written at
+        ``start_pos`` and the queries attend to all ``start_pos + S`` cached ones; the causal
+        mask of ``flash_attention`` is bottom-right aligned, so prefill and one-token decoding
+        are the same call. Cache writes are in place: run cached forwards under ``no_grad``.
+        """
+        batch, seqlen, _ = x.shape
+        q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)  # (B, S, Hq, D)
+        k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
+        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
+        q = apply_rotary(q, cos, sin, interleaved=True)
+        k = apply_rotary(k, cos, sin, interleaved=True)
+        if use_cache and self.cache_k is not None:
+            end = start_pos + seqlen
+            if batch > self.cache_k.shape[0] or end > self.cache_k.shape[1]:
+                raise ValueError(
+                    f"x: batch {batch} at positions [{start_pos}, {end}) does not fit the KV "
+                    f"cache (max_batch {self.cache_k.shape[0]}, max_seq_len "
+                    f"{self.cache_k.shape[1]}); call setup_cache with larger sizes")
+            self.cache_k[:batch, start_pos:end] = k
+            self.cache_v[:batch, start_pos:end] = v
+            k = self.cache_k[:batch, :end]  # (B, start_pos + S, Hkv, D)
+            v = self.cache_v[:batch, :end]
+        elif start_pos != 0:
+            raise ValueError(f"start_pos: {start_pos} without a KV cache; call setup_cache "
+                             "first or pass the whole sequence with start_pos=0")
+        out = flash_attention(q, k, v, causal=True)  # (B, S, Hq, D)
+        return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h))``.
+
+    Takes and returns ``(delta, residual)``, the hidden state being their sum (``residual=None``
+    means the hidden state is ``delta`` itself); the final add is fused into the next norm (see
+    the module docstring). ``forward_hidden`` is the block as a map of hidden states, x -> out.
+    ``ffn_hidden_dim`` is the FFN's real width (default: Meta's rule for ``4 * dim``).
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None,
+                 ffn_hidden_dim: int | None = None, norm_eps: float = 1e-6):
+        super().__init__()
+        self.attention = Attention(dim, n_heads, n_kv_heads)
+        if ffn_hidden_dim is None:
+            self.feed_forward = FeedForward(dim, 4 * dim, multiple_of=256)
+        else:
+            self.feed_forward = FeedForward(dim, ffn_hidden_dim, 1, exact=True)
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+
+    def forward(self, delta: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
+                start_pos: int = 0, *, use_cache: bool = True) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            x, h = self.attention_norm(delta), delta
+        else:
+            x, h = self.attention_norm(delta, residual)  # h = delta + residual, x = norm(h)
+        a = self.attention(x, cos, sin, start_pos, use_cache=use_cache)
+        x, h = self.ffn_norm(a, h)  # h = h + a, x = norm(h)
+        return self.feed_forward(x), h
+
+    def forward_hidden(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int = 0) -> Tensor:
+        delta, residual = self(x, None, cos, sin, start_pos)
+        return delta + residual
+
+
+__all__ = ["Attention", "FeedForward", "RMSNorm", "TransformerBlock", "ffn_hidden_dim"]

@@ -1,0 +1,295 @@
+"""The thin LLaMA model: the paper's configurations, a Transformer with Meta's parameter names,
+a KV cache, and generation.
+
+Every layer computes through ``llama_kernels.ops`` (see ``layers.py``), so the backend choice
+reaches the whole model. No device is hard-coded: the model lives where its parameters are
+(build it under ``with torch.device("cuda"):`` or move it with ``.to``). The forward returns
+fp32 logits whatever the parameter dtype, as Meta's reference code does, so that the loss and
+sampling are computed at full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from llama_kernels import checkpoint as ckpt
+from llama_kernels.layers import RMSNorm, TransformerBlock, ffn_hidden_dim
+from llama_kernels.ops import rotary_tables
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads == n_heads)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None  # the FFN width itself, overriding the rule (HF configs)
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    checkpoint_activations: bool = False  # recompute each block in the backward (training)
+    extra: dict = field(default_factory=dict, repr=False)  # unknown params.json keys, kept
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The FFN's real width: ``2/3 * 4 * dim`` (times the multiplier), rounded up."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        return ffn_hidden_dim(4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
+        """A preset of ``PRESETS`` ("7B", "13B", "33B", "65B", "tiny", "small"), with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"name: unknown model {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> ModelArgs:
+        """From a Meta ``params.json`` dict (``vocab_size: -1`` means: give it in overrides)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in params.items() if k in names}
+        extra = {k: v for k, v in params.items() if k not in names}
+        args = cls(**{**known, **overrides}, extra=extra)
+        if args.vocab_size <= 0:
+            raise ValueError("params: vocab_size is unset (-1); pass vocab_size=...")
+        return args
+
+    def to_params(self) -> dict:
+        """The Meta ``params.json`` dict (``None`` fields omitted)."""
+        skip = {"checkpoint_activations", "extra", "max_seq_len"}
+        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in skip and getattr(self, f.name) is not None}
+        return {**self.extra, **params}
+
+
+# The paper's Table 2 (and its parameter counts: 6.7B, 13.0B, 32.5B, 65.2B), plus small ones.
+PRESETS: dict[str, dict] = {
+    "7B": dict(dim=4096, n_heads=32, n_layers=32),
+    "13B": dict(dim=5120, n_heads=40, n_layers=40),
+    "33B": dict(dim=6656, n_heads=52, n_layers=60),
+    "65B": dict(dim=8192, n_heads=64, n_layers=80),
+    # For tests and examples: grouped-query attention, a byte-sized vocab, CPU-fast.
+    "tiny": dict(dim=64, n_heads=4, n_kv_heads=2, n_layers=2, vocab_size=256, multiple_of=16,
+                 max_seq_len=256),
+    # llama2.c's 15M-parameter shape, with LLaMA's vocabulary.
+    "small": dict(dim=288, n_heads=6, n_layers=6, multiple_of=32, max_seq_len=256),
+}
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args.dim, args.n_heads, args.n_kv_heads, args.hidden_dim,
+                             args.norm_eps)
+            for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.eos_id: int | None = None  # generate() stops there; set it from the tokenizer
+        self._build_rope_tables(None)
+        self.init_weights()
+
+    # ---- rotary tables: fp32 buffers that follow the model's device but never its dtype ----
+
+    def _build_rope_tables(self, device: torch.device | None) -> None:
+        cos, sin = rotary_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_theta,
+                                 device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim / 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() cast every floating buffer; the tables must stay fp32 (rounding
+        # them to bf16 would shift far positions), so recompute them where they now live.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32 and self.rope_cos.device.type != "meta":
+            self._build_rope_tables(self.rope_cos.device)
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights and unit norms, for training from scratch."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # ---- KV cache --------------------------------------------------------------------------
+
+    def setup_cache(self, max_batch: int, max_seq_len: int | None = None, *,
+                    dtype: torch.dtype | None = None) -> None:
+        """Allocate every layer's KV cache (dtype and device of the parameters); from now on
+        ``forward`` writes keys and values at ``start_pos`` and attends to the cached prefix."""
+        max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's context "
+                             f"{self.args.max_seq_len}")
+        for layer in self.layers:
+            layer.attention.setup_cache(max_batch, max_seq_len, dtype=dtype)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.clear_cache()
+
+    @property
+    def has_cache(self) -> bool:
+        return len(self.layers) > 0 and self.layers[0].attention.cache_k is not None
+
+    # ---- forward and generation ------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, start_pos: int = 0, *, use_cache: bool = True) -> Tensor:
+        """``tokens`` (B, S) int at positions ``start_pos ..`` -> fp32 logits (B, S, vocab).
+
+        With a cache set up (``setup_cache``) and ``use_cache``, the new keys and values are
+        cached and the tokens attend to the whole cached prefix (prefill with ``start_pos=0``,
+        then decode one token at a time). Without one, ``start_pos`` must be 0.
+        """
+        batch, seqlen = tokens.shape
+        if start_pos + seqlen > self.args.max_seq_len:
+            raise ValueError(f"tokens: positions up to {start_pos + seqlen} exceed max_seq_len "
+                             f"{self.args.max_seq_len}")
+        cos = self.rope_cos[start_pos:start_pos + seqlen]  # (S, head_dim / 2)
+        sin = self.rope_sin[start_pos:start_pos + seqlen]
+        delta, residual = self.tok_embeddings(tokens), None  # (B, S, dim)
+        recompute = self.args.checkpoint_activations and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                delta, residual = checkpoint(layer, delta, residual, cos, sin, start_pos,
+                                             use_cache=use_cache, use_reentrant=False)
+            else:
+                delta, residual = layer(delta, residual, cos, sin, start_pos, use_cache=use_cache)
+        h = self.norm(delta) if residual is None else self.norm(delta, residual)[0]
+        return self.output(h).float()  # (B, S, vocab)
+
+    @torch.no_grad()
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, *, eos_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> list[int]:
+        """The generated token ids (without the prompt, without the stopping eos).
+
+        Greedy at ``temperature=0``, else nucleus sampling of the ``top_p`` mass. The prompt is
+        prefilled in one flash-attention call, then each token is decoded alone against the KV
+        cache (a temporary cache is set up when none is; ``use_cache=False`` reruns the whole
+        sequence every step instead, the slow reference). Stops at ``eos_id`` (default: the
+        model's ``eos_id``) when there is one.
+        """
+        if not prompt_tokens:
+            raise ValueError("prompt_tokens: expected at least one token")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature {temperature} / top_p {top_p}: expected "
+                             "temperature >= 0 and 0 < top_p <= 1")
+        total = len(prompt_tokens) + max_new_tokens
+        if total > self.args.max_seq_len:
+            raise ValueError(f"prompt_tokens: {len(prompt_tokens)} + max_new_tokens "
+                             f"{max_new_tokens} exceed max_seq_len {self.args.max_seq_len}")
+        eos_id = self.eos_id if eos_id is None else eos_id
+        device = self.tok_embeddings.weight.device
+        seq = torch.tensor([prompt_tokens], dtype=torch.long, device=device)  # (1, P)
+        own_cache = use_cache and not self.has_cache
+        if own_cache:
+            self.setup_cache(1, total)
+        try:
+            logits = self(seq, 0, use_cache=use_cache)[0, -1]  # (vocab,)
+            generated: list[int] = []
+            for step in range(max_new_tokens):
+                token = sample(logits, temperature, top_p, generator)
+                if eos_id is not None and token == eos_id:
+                    break
+                generated.append(token)
+                if step == max_new_tokens - 1:
+                    break
+                nxt = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
+                if use_cache:
+                    logits = self(nxt, len(prompt_tokens) + step)[0, -1]
+                else:
+                    seq = torch.cat([seq, nxt], dim=1)  # (1, P + step + 1)
+                    logits = self(seq, 0, use_cache=False)[0, -1]
+            return generated
+        finally:
+            if own_cache:
+                self.clear_cache()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, state_dict: dict[str, Tensor], *,
+                        dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> Transformer:
+        """A model holding ``state_dict``'s tensors (no random init, no second copy)."""
+        with torch.device("meta"):
+            model = cls(args)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model._build_rope_tables(model.tok_embeddings.weight.device)
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_meta(cls, checkpoint_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None, **overrides) -> Transformer:
+        """Load a Meta ``params.json`` + ``consolidated.NN.pth`` directory (shards merged);
+        ``overrides`` set ModelArgs fields (``max_seq_len=4096``, say)."""
+        params, state = ckpt.load_meta(checkpoint_dir)
+        if params.get("vocab_size", -1) <= 0 and "vocab_size" not in overrides:
+            overrides["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+        return cls.from_state_dict(ModelArgs.from_params(params, **overrides), state,
+                                   dtype=dtype, device=device)
+
+    def save_meta(self, checkpoint_dir: str | os.PathLike, *, num_shards: int = 1) -> list[str]:
+        """Write a Meta-format directory, split into ``num_shards`` model-parallel files."""
+        return ckpt.save_meta(self.state_dict(), self.args.to_params(), checkpoint_dir,
+                              num_shards=num_shards)
+
+    @classmethod
+    def from_hf(cls, hf_model_or_dir, *, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None, **overrides) -> Transformer:
+        """From a transformers ``LlamaForCausalLM`` / ``LlamaModel`` instance or a saved HF
+        directory (read with safetensors, without building the HF model). HF's wq/wk row
+        permutation is undone, so outputs match the HF model's."""
+        if isinstance(hf_model_or_dir, (str, os.PathLike)):
+            config, hf_state = ckpt.load_hf_dir(hf_model_or_dir)
+        else:
+            config, hf_state = hf_model_or_dir.config.to_dict(), hf_model_or_dir.state_dict()
+        params = ckpt.hf_config_to_params(config)
+        state = ckpt.hf_to_meta_state_dict(hf_state, params)
+        if device is None:
+            device = state["tok_embeddings.weight"].device
+        args = ModelArgs.from_params(params, **overrides)
+        # Detach from the HF model: our parameters must not alias its parameters.
+        state = {k: v.detach().clone() for k, v in state.items()}
+        return cls.from_state_dict(args, state, dtype=dtype, device=device)
+
+
+def sample(logits: Tensor, temperature: float, top_p: float,
+           generator: torch.Generator | None = None) -> int:
+    """Argmax at ``temperature=0``, else a draw from the smallest set of tokens holding
+    ``top_p`` of the probability (Meta's ``sample_top_p``)."""
+    if temperature == 0:
+        return int(torch.argmax(logits, dim=-1))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs_sorted, order = torch.sort(probs, descending=True)
+    outside = probs_sorted.cumsum(-1) - probs_sorted > top_p  # mass before the token > p
+    probs_sorted = probs_sorted.masked_fill(outside, 0.0)
+    choice = torch.multinomial(probs_sorted / probs_sorted.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["ModelArgs", "PRESETS", "Transformer", "num_params", "sample"]
