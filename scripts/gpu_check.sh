@@ -56,8 +56,12 @@ ARCH=${LLAMA_KERNELS_CUDA_ARCH:-$("$PY" -c "import torch; print('%d.%d' % torch.
 step build 240 env LLAMA_KERNELS_CUDA_ARCH="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
   "$PY" setup.py build_ext --inplace
 
-# Every test, on the GPU (Triton compiled, not interpreted; CUDA kernels run).
-step tests 300 "$PY" -m pytest tests -q -ra -p no:cacheprovider --junitxml="$OUT/junit.xml"
+# Every test, on the GPU (Triton compiled, not interpreted; CUDA kernels run). pytest-xdist,
+# where installed, spreads them over 8 processes: Triton's JIT compiles dominate, not the GPU.
+PARALLEL=()
+"$PY" -c "import xdist" 2> /dev/null && PARALLEL=(-n 8)
+step tests 300 "$PY" -m pytest tests -q -ra -p no:cacheprovider "${PARALLEL[@]}" \
+  --junitxml="$OUT/junit.xml"
 
 # The quick benchmark: ceilings, every op x direction x implementation at the 7B shapes.
 step bench 240 "$PY" -m benchmarks --quick --out "$OUT/bench"
@@ -76,6 +80,8 @@ else
   echo "compute-sanitizer: not found, skipped" | tee -a "$SUMMARY"
 fi
 
+echo "== failures"
+grep -hE "^(FAILED|ERROR)" "$OUT"/tests.log | head -40
 echo "== summary"
 cat "$SUMMARY"
 exit $FAILED
