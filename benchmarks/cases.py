@@ -114,7 +114,6 @@ class Case:
     bytes_fn: Callable[[str], float] | None = None  # direction -> minimum bytes moved
     flops_fn: Callable[[str], float] | None = None  # direction -> FLOPs
     directions: tuple[str, ...] = DIRECTIONS
-    cudagraph: bool = False
 
 
 def _ours(op_fn, backends):
@@ -266,5 +265,5 @@ def attention_cases(backends, presets, dtype, device, quick):
                 "flash_attention", f"{name} {kind} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv}",
                 b * sq * sk * hq, impls, inputs, flops_fn=flops,
                 bytes_fn=kv_bytes if decode else None,
-                directions=("fwd",) if decode else DIRECTIONS, cudagraph=decode))
+                directions=("fwd",) if decode else DIRECTIONS))
     return cases

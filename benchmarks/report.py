@@ -28,8 +28,11 @@ def markdown(record: dict) -> str:
         f"- ceilings measured in this run: device-to-device copy {_fmt(ceil['copy_gbps'], 0)} "
         f"GB/s (read + write), bf16 {ceil['matmul_size']}^3 matmul "
         f"{_fmt(ceil['matmul_tflops'], 0)} TFLOP/s",
-        f"- timing: median (p20-p80) of triton.testing.do_bench with L2 flushed; decode "
-        f"attention by CUDA-graph replay. dtype {record['args']['dtype']}.",
+        "- GPU ms: median (p20-p80) per call of N calls captured in one CUDA graph (no host "
+        "overhead; inputs several times the L2). host ms: median of one eager call at a time "
+        "(triton.testing.do_bench, L2 flushed), which includes Python and launch overhead. "
+        "Bandwidth, FLOP rates and speed-ups use GPU ms. "
+        f"dtype {record['args']['dtype']}.",
     ]
     for note in record.get("notes", []):
         lines.append(f"- note: {note}")
@@ -40,12 +43,12 @@ def markdown(record: dict) -> str:
         lines += ["", f"## {op}: {shape}", ""]
         has_bw = any("gbps" in r for r in rows)
         has_fl = any("tflops" in r for r in rows)
-        head = ["direction", "implementation", "ms (p20-p80)"]
+        head = ["direction", "implementation", "GPU ms (p20-p80)"]
         if has_bw:
             head += ["GB/s", "% copy BW"]
         if has_fl:
             head += ["TFLOP/s", "% matmul"]
-        head += ["vs eager", "vs compile", "peak MiB"]
+        head += ["host ms", "vs eager", "vs compile", "peak MiB"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         base = {(r["direction"], r["impl"]): r.get("ms") for r in rows}
@@ -61,6 +64,7 @@ def markdown(record: dict) -> str:
             if has_fl:
                 cells += [_fmt(r.get("tflops"), 1), _fmt(100 * r["frac_matmul"], 1)
                           if "frac_matmul" in r else "-"]
+            cells.append(_fmt(r.get("host_ms"), 4))
             for other in ("eager", "torch.compile"):
                 t = base.get((r["direction"], other))
                 cells.append(f"{t / r['ms']:.2f}x" if t else "-")

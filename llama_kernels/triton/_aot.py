@@ -119,7 +119,11 @@ def compile_case(c: AotCase, arch: int) -> dict:
         ptxas = subprocess.run(cmd[:2] + ["--regAllocOptLevel=2"] + cmd[2:],
                                capture_output=True, text=True)
         if ptxas.returncode != 0:
-            ptxas = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            first = ptxas.stderr
+            ptxas = subprocess.run(cmd, capture_output=True, text=True)
+            if ptxas.returncode != 0:
+                raise RuntimeError(f"{c.name} sm_{arch}: ptxas failed:\n{first[-2000:]}\n"
+                                   f"{ptxas.stderr[-2000:]}")
     res = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
                        ptxas.stdout + ptxas.stderr)
