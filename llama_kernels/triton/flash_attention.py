@@ -649,12 +649,16 @@ def attention_config(kernel: str, head_dim: int, arch: tuple[int, int] | None, *
         # stream by (tutorial 06: 128 keys x 32 queries at d64). 8 warps throughout: 4 spill
         # at d64 (sm90: 248 bytes) and d128. sm90 d128: 32 x 64 needs 254 registers (one
         # Triton change from spilling), 16 x 128 needs 224 and reads Q, dO once per 128 keys.
+        # sm80 needs smaller tiles under Triton 3.6 (the GPU image's) than under 3.8: its
+        # AOT compile of 32 x 128 (d64) and 32 x 64 (d128) spills 44 and 12 bytes at 255
+        # registers. 16 x 128 (d64: 255 / 174 registers on 3.6 / 3.8) and 32 x 32 (d128:
+        # 224 / 164) do not; their speed on an A100 is unmeasured.
         if big:  # 4 warps spill; 16 x 32 at 8 warps needs 216 registers
             cfg = AttnConfig(16, 32, 8, 2)
         elif d <= 64:
-            cfg = AttnConfig(32, 128, 8, 3 if sm90 else 2)
+            cfg = AttnConfig(32, 128, 8, 3) if sm90 else AttnConfig(16, 128, 8, 2)
         else:
-            cfg = AttnConfig(16, 128, 8, 2) if sm90 else AttnConfig(32, 64, 8, 2)
+            cfg = AttnConfig(16, 128, 8, 2) if sm90 else AttnConfig(32, 32, 8, 2)
     else:  # bwd_dq
         # BLOCK_M queries held (Q, dO, fp32 dQ) while key blocks stream by (tutorial 06:
         # 128 x 32 at d64). 8 warps: with 4, sm80 spills at d64 (24 bytes) and d128 (44).
