@@ -18,9 +18,9 @@ import torch
 
 import llama_kernels as lk
 from benchmarks import cases as C
-from benchmarks import harness, report, sweep
+from benchmarks import harness, model_bench, report, sweep
 
-OPS = ("rms_norm", "add_rms_norm", "swiglu", "apply_rotary", "flash_attention")
+OPS = ("rms_norm", "add_rms_norm", "swiglu", "apply_rotary", "flash_attention", "model")
 
 
 def parse_args(argv=None):
@@ -66,10 +66,22 @@ def run_case(case: C.Case, ceilings: harness.Ceilings, quick: bool) -> list[dict
     rows = []
     inputs = case.make_inputs()
     rep = 40 if quick else 100
+    wrong = {}
+    for impl_name, impl in case.impls.items():  # every variant is checked before it is timed
+        try:
+            why = C.check_output(case, impl, inputs)
+        except Exception as e:  # noqa: BLE001 - an implementation that raises has failed
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if why is not None:
+            wrong[impl_name] = why
     for direction in case.directions:
         for impl_name, impl in case.impls.items():
             row = {"op": case.op, "shape": case.shape, "size": case.size,
                    "direction": direction, "impl": impl_name}
+            if impl_name in wrong:
+                row["error"] = f"failed the output check, not timed: {wrong[impl_name]}"
+                rows.append(row)
+                continue
             try:
                 fn = _direction_fn(impl, inputs, direction)
                 host = harness.time_host(fn, rep_ms=rep)
@@ -152,7 +164,7 @@ def main(argv=None) -> int:
     if not gpu:  # the smoke run times the real case builders at tiny sizes, torch backend only
         backends = ["torch"]
     cases = []
-    row_ops = [o for o in args.ops if o != "flash_attention"]
+    row_ops = [o for o in args.ops if o not in ("flash_attention", "model")]
     if row_ops:
         cases += C.row_cases(backends, args.shapes, tokens, dtype, device)
         cases = [c for c in cases if c.op in row_ops]
@@ -171,6 +183,8 @@ def main(argv=None) -> int:
     for case in _progress(cases, "benchmarks"):
         results += run_case(case, ceilings, args.quick)
         _write(record, json_path, md_path)  # after every case, so a cut-off run keeps its rows
+    if "model" in args.ops:
+        results += model_bench.run(ceilings, quick=args.quick, device=device, dtype=dtype)
     md = _write(record, json_path, md_path)
     if not args.no_plots:
         report.plots(record, args.out)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_kernels as lk
+from benchmarks import counts
 from llama_kernels import reference
 
 # The paper's configurations: model dim, FFN hidden (2/3 * 4 * dim rounded up to 256), heads.
@@ -107,13 +108,16 @@ LIGER = _liger()
 @dataclass
 class Case:
     op: str
-    shape: str  # a label, e.g. "7B tokens=4096 dim=4096"
-    size: float  # x-axis of the plots (elements or tokens)
+    shape: str  # a label, e.g. "7B tokens=16384 dim=4096"
+    size: float  # x-axis of the plots (elements or score elements)
     impls: dict[str, Callable]  # name -> forward callable taking the inputs
     make_inputs: Callable[[], list[torch.Tensor]]
+    reference: Callable  # (*inputs, upcast) -> reference.py's output(s), for the check
     bytes_fn: Callable[[str], float] | None = None  # direction -> minimum bytes moved
     flops_fn: Callable[[str], float] | None = None  # direction -> FLOPs
     directions: tuple[str, ...] = DIRECTIONS
+    # a smaller instance of the inputs for the output check (same semantics), or None
+    check_slice: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
 
 def _ours(op_fn, backends):
@@ -126,7 +130,36 @@ def _with_compile(impls, eager_name, eager_fn):
     return impls
 
 
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def check_output(case: Case, impl: Callable, inputs: list[torch.Tensor]) -> str | None:
+    """None if ``impl``'s forward output matches reference.py by the project's tolerance rule
+    (at most twice eager-in-dtype's error against fp32, plus a small floor), else why not."""
+    if case.check_slice is not None:
+        inputs = case.check_slice(inputs)
+    with torch.no_grad():
+        got = _as_tuple(impl(*[t.clone() for t in inputs]))
+        ref = _as_tuple(case.reference(*[t.float() for t in inputs], upcast=True))
+        eager = _as_tuple(case.reference(*inputs, upcast=False))
+    for i, (g, r, e) in enumerate(zip(got, ref, eager)):
+        if g.shape != r.shape:
+            return f"output {i}: shape {tuple(g.shape)}, expected {tuple(r.shape)}"
+        if not torch.isfinite(g).all():
+            return f"output {i}: non-finite values"
+        err = (g.float() - r).abs().max().item()
+        eager_err = (e.float() - r).abs().max().item()
+        tol = 2 * eager_err + torch.finfo(g.dtype).eps * max(1.0, r.abs().max().item())
+        if err > tol:
+            return f"output {i}: max error {err:.3g} > tolerance {tol:.3g}"
+    return None
+
+
 def row_cases(backends, presets, tokens, dtype, device):
+    """The row ops at the issue's LLaMA shapes: ``tokens`` rows of each preset's width
+    (SwiGLU: the FFN width), rotary on q and k of B x 4096 tokens (query heads of the preset,
+    8 kv heads, head_dim 128)."""
     cases = []
     s = torch.finfo(dtype).bits // 8
     for name in presets:
@@ -137,62 +170,56 @@ def row_cases(backends, presets, tokens, dtype, device):
             return [torch.randn(n, dim, device=device, dtype=dtype),
                     (1 + 0.1 * torch.randn(dim, device=device)).to(dtype)]
 
-        def norm_bytes(direction, dim=dim):
-            fwd = 2 * n * dim * s + dim * s + 4 * n
-            bwd = 3 * n * dim * s + 2 * dim * s + 4 * n
-            return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
-
         impls = _ours(lambda x, w, backend: lk.rms_norm(x, w, backend=backend), backends)
         _with_compile(impls, "eager", eager_rms_norm)
         if LIGER:
             impls["liger"] = LIGER["rms_norm"]
-        cases.append(Case("rms_norm", f"{name} tokens={n} dim={dim}", n * dim, impls,
-                          norm_inputs, bytes_fn=norm_bytes))
+        cases.append(Case(
+            "rms_norm", f"{name} tokens={n} dim={dim}", n * dim, impls, norm_inputs,
+            lambda x, w, upcast: reference.rms_norm(x, w, upcast=upcast),
+            bytes_fn=lambda d, dim=dim: counts.rms_norm_bytes(n, dim, s, d)))
 
         def add_inputs(dim=dim):
             x, w = norm_inputs(dim)
             return [x, torch.randn_like(x), w]
-
-        def add_bytes(direction, dim=dim):
-            fwd = 4 * n * dim * s + dim * s + 4 * n
-            bwd = 4 * n * dim * s + 2 * dim * s + 4 * n
-            return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
 
         impls = _ours(lambda x, r, w, backend: lk.add_rms_norm(x, r, w, backend=backend),
                       backends)
         _with_compile(impls, "eager", eager_add_rms_norm)
         if LIGER:
             impls["liger"] = LIGER["add_rms_norm"]
-        cases.append(Case("add_rms_norm", f"{name} tokens={n} dim={dim}", n * dim, impls,
-                          add_inputs, bytes_fn=add_bytes))
+        cases.append(Case(
+            "add_rms_norm", f"{name} tokens={n} dim={dim}", n * dim, impls, add_inputs,
+            lambda x, r, w, upcast: reference.add_rms_norm(x, r, w, upcast=upcast),
+            bytes_fn=lambda d, dim=dim: counts.add_rms_norm_bytes(n, dim, s, d)))
 
         def swiglu_inputs(hidden=hidden):
             return [torch.randn(n, hidden, device=device, dtype=dtype),
                     torch.randn(n, hidden, device=device, dtype=dtype)]
 
-        def swiglu_bytes(direction, hidden=hidden):
-            fwd, bwd = 3 * n * hidden * s, 5 * n * hidden * s
-            return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
-
         impls = _ours(lambda g, u, backend: lk.swiglu(g, u, backend=backend), backends)
         _with_compile(impls, "eager", eager_swiglu)
         if LIGER:
             impls["liger"] = LIGER["swiglu"]
-        cases.append(Case("swiglu", f"{name} tokens={n} hidden={hidden}", n * hidden, impls,
-                          swiglu_inputs, bytes_fn=swiglu_bytes))
+        cases.append(Case(
+            "swiglu", f"{name} tokens={n} hidden={hidden}", n * hidden, impls, swiglu_inputs,
+            reference.swiglu, bytes_fn=lambda d, hidden=hidden: counts.swiglu_bytes(n, hidden, s, d)))
 
-        heads, seqlen = p["heads"], min(2048, n)
+        heads, kv_heads, seqlen = p["heads"], 8, min(4096, n)
         batch = max(1, n // seqlen)
         cos, sin = lk.rotary_tables(seqlen, HEAD_DIM, device=device)
 
         def rotary_inputs(heads=heads, batch=batch):  # q and k of one layer
-            shape = (batch, seqlen, heads, HEAD_DIM)
-            return [torch.randn(shape, device=device, dtype=dtype),
-                    torch.randn(shape, device=device, dtype=dtype)]
+            return [torch.randn(batch, seqlen, heads, HEAD_DIM, device=device, dtype=dtype),
+                    torch.randn(batch, seqlen, kv_heads, HEAD_DIM, device=device, dtype=dtype)]
 
-        def rotary_bytes(direction, heads=heads, batch=batch):
-            one = 4 * batch * seqlen * heads * HEAD_DIM * s + 2 * seqlen * HEAD_DIM // 2 * 4
-            return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[direction]
+        def rotary_ref(q, k, upcast, cos=cos, sin=sin):
+            return (reference.apply_rotary(q, cos, sin, upcast=upcast),
+                    reference.apply_rotary(k, cos, sin, upcast=upcast))
+
+        def rotary_bytes(d, heads=heads, batch=batch):
+            return sum(counts.rotary_bytes(batch * seqlen, h, HEAD_DIM, s, seqlen, d)
+                       for h in (heads, kv_heads))
 
         impls = _ours(lambda q, k, backend, cos=cos, sin=sin: (
             lk.apply_rotary(q, cos, sin, backend=backend),
@@ -201,10 +228,10 @@ def row_cases(backends, presets, tokens, dtype, device):
             eager_rotary(q, cos, sin), eager_rotary(k, cos, sin)))
         if LIGER:
             impls["liger"] = lambda q, k, cos=cos, sin=sin: LIGER["rope"](q, k, cos, sin)
-        cases.append(Case("apply_rotary",
-                          f"{name} q+k batch={batch} seqlen={seqlen} heads={heads}",
-                          2 * batch * seqlen * heads * HEAD_DIM, impls, rotary_inputs,
-                          bytes_fn=rotary_bytes))
+        cases.append(Case(
+            "apply_rotary", f"{name} q+k batch={batch} seqlen={seqlen} heads={heads}/{kv_heads}",
+            batch * seqlen * (heads + kv_heads) * HEAD_DIM, impls, rotary_inputs, rotary_ref,
+            bytes_fn=rotary_bytes))
     return cases
 
 
@@ -228,42 +255,59 @@ def _sdpa(backend_name):
     return run
 
 
-def attention_cases(backends, presets, dtype, device, quick):
-    cases = []
+def attention_shapes(presets, quick):
+    """(label, batch, Sq, Sk, Hq, Hkv): the issue's sweep. Prefill: 16k tokens at S = 1k..16k,
+    multi-head and GQA 32/8; decoding: one query against 1k..32k cached keys, batch 8."""
+    shapes = []
     for name in presets:
         heads = PRESETS[name]["heads"]
-        shapes = [("prefill", 2, 2048, 2048, heads, heads)]
-        shapes.append(("decode", 8, 1, 4096, heads, heads))
-        if not quick:
-            shapes.append(("prefill-gqa", 2, 2048, 2048, heads, 8))
-            shapes.append(("decode-gqa", 8, 1, 8192, heads, 8))
-        for kind, b, sq, sk, hq, hkv in shapes:
+        seqlens = (2048,) if quick else (1024, 2048, 4096, 8192, 16384)
+        for kv in ((heads,) if quick else (heads, 8)):
+            tag = "" if kv == heads else "-gqa"
+            for seqlen in seqlens:
+                shapes.append((f"{name} prefill{tag}", 16384 // seqlen, seqlen, seqlen, heads, kv))
+        for kv in ((heads,) if quick else (heads, 8)):
+            tag = "" if kv == heads else "-gqa"
+            for cache in ((4096,) if quick else (1024, 4096, 16384, 32768)):
+                shapes.append((f"{name} decode{tag}", 8, 1, cache, heads, kv))
+    return shapes
 
-            def inputs(b=b, sq=sq, sk=sk, hq=hq, hkv=hkv):
-                return [torch.randn(b, sq, hq, HEAD_DIM, device=device, dtype=dtype),
-                        torch.randn(b, sk, hkv, HEAD_DIM, device=device, dtype=dtype),
-                        torch.randn(b, sk, hkv, HEAD_DIM, device=device, dtype=dtype)]
 
-            def flops(direction, b=b, sq=sq, sk=sk, hq=hq):
-                fwd = reference.attention_flops(b, sq, sk, hq, HEAD_DIM, causal=True)
-                bwd = reference.attention_flops(b, sq, sk, hq, HEAD_DIM, causal=True,
-                                                backward=True)
-                return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
+def attention_cases(backends, presets, dtype, device, quick):
+    cases = []
+    s = torch.finfo(dtype).bits // 8
+    for label, b, sq, sk, hq, hkv in attention_shapes(presets, quick):
 
-            def kv_bytes(direction, b=b, sq=sq, sk=sk, hq=hq, hkv=hkv):
-                s = torch.finfo(dtype).bits // 8
-                return (2 * b * sq * hq + 2 * b * sk * hkv) * HEAD_DIM * s
+        def inputs(b=b, sq=sq, sk=sk, hq=hq, hkv=hkv):
+            return [torch.randn(b, sq, hq, HEAD_DIM, device=device, dtype=dtype),
+                    torch.randn(b, sk, hkv, HEAD_DIM, device=device, dtype=dtype),
+                    torch.randn(b, sk, hkv, HEAD_DIM, device=device, dtype=dtype)]
 
-            impls = _ours(lambda q, k, v, backend: lk.flash_attention(q, k, v, backend=backend),
-                          [x for x in backends if x != "torch"])
+        def flops(d, b=b, sq=sq, sk=sk, hq=hq):
+            fwd = counts.attention_flops(b, sq, sk, hq, HEAD_DIM, causal=True)
+            bwd = counts.attention_flops(b, sq, sk, hq, HEAD_DIM, causal=True, backward=True)
+            return counts.total(d, fwd, bwd)
+
+        def kv_bytes(d, b=b, sq=sq, sk=sk, hq=hq, hkv=hkv):
+            return counts.attention_kv_bytes(b, sq, sk, hq, hkv, HEAD_DIM, s)
+
+        impls = _ours(lambda q, k, v, backend: lk.flash_attention(q, k, v, backend=backend),
+                      [x for x in backends if x != "torch"])
+        # eager materializes (B, H, Sq, Sk) scores, 34 GB in fp32 at 16k: only up to 8k
+        if sq * sk * b * hq <= 2**32:
             _with_compile(impls, "eager", eager_attention)
-            if device.type == "cuda":
-                for sdpa in ("flash", "efficient", "cudnn"):
-                    impls[f"sdpa-{sdpa}"] = _sdpa(sdpa)
-            decode = kind.startswith("decode")
-            cases.append(Case(
-                "flash_attention", f"{name} {kind} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv}",
-                b * sq * sk * hq, impls, inputs, flops_fn=flops,
-                bytes_fn=kv_bytes if decode else None,
-                directions=("fwd",) if decode else DIRECTIONS))
+        if device.type == "cuda":
+            for sdpa in ("flash", "efficient", "cudnn"):
+                impls[f"sdpa-{sdpa}"] = _sdpa(sdpa)
+        decode = sq == 1
+        cases.append(Case(
+            "flash_attention", f"{label} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv}",
+            b * sq * sk * hq, impls, inputs,
+            lambda q, k, v, upcast: reference.attention(q, k, v, upcast=upcast),
+            flops_fn=flops, bytes_fn=kv_bytes if decode else None,
+            directions=("fwd",) if decode else DIRECTIONS,
+            # checked on batch 1 and one kv head with its query group (the fp32 reference
+            # materializes the scores)
+            check_slice=lambda t, g=hq // hkv: [t[0][:1, :, :g], t[1][:1, :, :1],
+                                                t[2][:1, :, :1]]))
     return cases

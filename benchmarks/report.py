@@ -43,7 +43,10 @@ def markdown(record: dict) -> str:
         lines += ["", f"## {op}: {shape}", ""]
         has_bw = any("gbps" in r for r in rows)
         has_fl = any("tflops" in r for r in rows)
+        has_tok = any("tokens_per_s" in r for r in rows)
         head = ["direction", "implementation", "GPU ms (p20-p80)"]
+        if has_tok:
+            head += ["tokens/s"]
         if has_bw:
             head += ["GB/s", "% copy BW"]
         if has_fl:
@@ -58,6 +61,8 @@ def markdown(record: dict) -> str:
                 continue
             cells = [r["direction"], r["impl"],
                      f"{r['ms']:.4f} ({r['p20']:.4f}-{r['p80']:.4f})"]
+            if has_tok:
+                cells.append(_fmt(r.get("tokens_per_s"), 0))
             if has_bw:
                 cells += [_fmt(r.get("gbps"), 0), _fmt(100 * r["frac_copy_bw"], 1)
                           if "frac_copy_bw" in r else "-"]
@@ -85,7 +90,7 @@ def plots(record: dict, out_dir: str) -> list[str]:
     ceil = record["ceilings"]
     by_op: dict[str, list[dict]] = defaultdict(list)
     for r in record["results"]:
-        if "error" not in r:
+        if "error" not in r and r["op"] != "model":  # the model's table is its report
             by_op[r["op"]].append(r)
     paths = []
     for op, rows in by_op.items():

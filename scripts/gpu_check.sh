@@ -57,9 +57,9 @@ step build 240 env LLAMA_KERNELS_CUDA_ARCH="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
   "$PY" setup.py build_ext --inplace
 
 # Every test, on the GPU (Triton compiled, not interpreted; CUDA kernels run). pytest-xdist,
-# where installed, spreads them over 8 processes: Triton's JIT compiles dominate, not the GPU.
+# where installed, spreads them over 12 processes: Triton's JIT compiles dominate, not the GPU.
 PARALLEL=()
-"$PY" -c "import xdist" 2> /dev/null && PARALLEL=(-n 8)
+"$PY" -c "import xdist" 2> /dev/null && PARALLEL=(-n 12)
 step tests 300 "$PY" -m pytest tests -q -ra -p no:cacheprovider "${PARALLEL[@]}" \
   --junitxml="$OUT/junit.xml"
 
