@@ -12,6 +12,28 @@ against ``torch.autograd`` applied to the forward.
 Rounding choice for RMSNorm: ``y = x * rstd * weight`` all in fp32, rounded to the output dtype
 once (Transformer Engine's order). Hugging Face rounds ``x * rstd`` to the input dtype before
 multiplying by the weight; the two differ in the last bit, within the tolerance rule.
+
+Non-finite values and extremes (every backend; tests/test_numerics.py):
+
+- A NaN reaches exactly the values that depend on it; every other value is bitwise what it is
+  without the NaN. rms_norm / add_rms_norm: a NaN in a row makes that row of y NaN (and of dx;
+  dweight, a sum over rows, is all NaN); h = x + residual is NaN only at that element. swiglu:
+  the element only. apply_rotary: the rotated pair only (the backward does not read x).
+- An inf in a row of rms_norm gives rstd = 0: NaN at the inf (inf * 0), 0 elsewhere in the row,
+  as eager PyTorch. eps = 0 with an all-zero row gives NaN likewise (0 * inf).
+- Attention: a NaN in key j (in k) poisons exactly the queries that see j (all, or with the
+  causal mask i >= j - (Sk - Sq)); the others are bitwise unchanged. A NaN in a value row v_j
+  poisons the queries that see j; a query that does not see j is unchanged or NaN (P @ V
+  multiplies its zero weight by NaN; this reference gives NaN for every query), never a wrong
+  finite number.
+- Fully masked query rows cannot occur: causal attention with Sq > Sk is refused (ValueError).
+- Scores of any size stay finite: the softmax subtracts the running row maximum, so scores of
+  1e4 give the (nearly one-hot) answer, not inf or NaN.
+- Squares and sums are taken in fp32: fp16 rows with |x| up to 65504, whose squares overflow
+  fp16, normalize correctly. swiglu saturates cleanly: silu(g) = g for large g and 0 (or a
+  denormal) for large negative g (exp(-g) overflows, sigmoid = 0), with finite gradients.
+- A result that does not fit the output dtype (fp16 swiglu of 300 * 300) is inf, as eager.
+- Kernel offsets are 64-bit wherever a product can pass 2**31 elements.
 """
 
 from __future__ import annotations

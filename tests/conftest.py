@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import llama_kernels  # noqa: E402,F401  (imports triton after the variable is set)
+import fuzz_profiles  # noqa: E402,F401  (hypothesis profiles "ci" and "long", before collection)
 
 
 @pytest.fixture(autouse=True)

@@ -256,3 +256,22 @@ def test_compile_fullgraph(backend, name):
     g_got = torch.autograd.grad(compiled(*args).sum(), args)
     for a, b in zip(g_got, g_expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positions_range_checked_inside_compiled_graph(backend):
+    """Out-of-range positions raise even in a fullgraph torch.compile (the check lives in the
+    registered op, whose body runs at call time), instead of reading outside the tables."""
+    _skip_if_no_kernel(backend, "apply_rotary")
+    cos, sin = lk.rotary_tables(8, 16, device=DEVICE)
+    x = torch.randn(1, 4, 2, 16, device=DEVICE)
+
+    def fn(x, positions):
+        return lk.apply_rotary(x, cos, sin, positions=positions, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+    good = torch.tensor([[0, 7, 3, 3]], device=DEVICE)
+    torch.testing.assert_close(compiled(x, good), fn(x, good))
+    with pytest.raises(ValueError, match="positions"):
+        compiled(x, torch.tensor([[0, 8, 3, 3]], device=DEVICE))

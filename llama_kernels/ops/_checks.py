@@ -7,6 +7,7 @@ cuda, triton and torch.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -49,8 +50,14 @@ def check_same_dtype(**tensors: torch.Tensor) -> None:
                              f"got {t.dtype}")
 
 
+def is_real(value) -> bool:
+    """A real number: Python int/float or a numpy scalar (numbers.Real), not a bool or a
+    tensor (``float(value)`` is then exact and cheap, and never syncs a device)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
+
+
 def check_eps(eps) -> None:
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if not is_real(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite non-negative float, got {eps!r}")
 
 

@@ -95,7 +95,7 @@ def _check(q, k, v, causal, softmax_scale):
     if causal and sq > k.shape[1]:
         raise ValueError(f"q: causal attention needs seqlen_q <= seqlen_k, got {sq} queries "
                          f"and {k.shape[1]} keys (query rows would see no key)")
-    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float))
+    if softmax_scale is not None and (not _checks.is_real(softmax_scale)
                                       or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
 

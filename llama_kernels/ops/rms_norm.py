@@ -17,8 +17,16 @@ from llama_kernels.ops import _backend, _checks
 
 
 def _rows(t: Tensor) -> Tensor:
+    """``t`` as (rows, dim) with unit stride along dim, copied only where it must be."""
     t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    if t2.stride(-1) == 1:
+        return t2
+    if t2.shape[-1] == 1:
+        # A size-1 dimension's stride is arbitrary (a (n, 1) slice keeps its parent's), and
+        # contiguous() keeps it because the tensor already counts as contiguous: restate it
+        # as 1, which addresses the same elements, so the kernels' unit-stride check holds.
+        return t2.as_strided(t2.shape, (t2.stride(0), 1))
+    return t2.contiguous()
 
 
 @torch.library.custom_op("llama_kernels::rms_norm_fwd", mutates_args=())

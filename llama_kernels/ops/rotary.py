@@ -10,6 +10,9 @@ Table gradients (rarely wanted: the tables are usually constants) are plain torc
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -22,6 +25,8 @@ MAX_KERNEL_HEAD_DIM = 256
 @torch.library.custom_op("llama_kernels::rotary_apply", mutates_args=())
 def rotary_apply(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None,
                  interleaved: bool, conjugate: bool, backend: str) -> Tensor:
+    if positions is not None:
+        _check_positions_range(positions, cos.shape[0])
     if backend == "torch":
         return reference.apply_rotary(x, cos, sin, interleaved=interleaved,
                                       positions=positions, conjugate=conjugate).contiguous()
@@ -65,13 +70,18 @@ rotary_apply.register_autograd(_backward, setup_context=_setup)
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float = 10000.0, *, device=None):
     """``(cos, sin)``, each fp32 ``(seq_len, head_dim // 2)``, angle ``t * theta**(-2i/D)``."""
-    if not isinstance(seq_len, int) or seq_len < 1:
+    if not _is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len: expected a positive int, got {seq_len!r}")
-    if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+    if not _is_int(head_dim) or head_dim < 2 or head_dim % 2:
         raise ValueError(f"head_dim: expected a positive even int, got {head_dim!r}")
-    if not theta > 0:
-        raise ValueError(f"theta: expected a positive float, got {theta!r}")
-    return reference.rotary_tables(seq_len, head_dim, theta, device=device)
+    # theta = inf would give angle 0 for every pair but the first: a silent identity rotation
+    if not _checks.is_real(theta) or not math.isfinite(theta) or not theta > 0:
+        raise ValueError(f"theta: expected a positive finite float, got {theta!r}")
+    return reference.rotary_tables(int(seq_len), int(head_dim), float(theta), device=device)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check(x, cos, sin, positions):
@@ -100,11 +110,17 @@ def _check(x, cos, sin, positions):
         raise ValueError(f"positions: expected shape {(batch, seqlen)} (batch, seqlen of x), "
                          f"got {tuple(positions.shape)}")
     _checks.check_same_device(x=x, positions=positions)
-    if not torch.compiler.is_compiling():  # a data-dependent check: one small reduction
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= cos.shape[0]:
-            raise ValueError(f"positions: expected values in [0, {cos.shape[0]}) (rows of the "
-                             f"tables), got values in [{lo}, {hi}]")
+    # The range of the values is checked inside the registered op (_check_positions_range), so
+    # that it also runs in a torch.compile-d graph, where the op's body stays opaque.
+
+
+def _check_positions_range(positions: Tensor, rows: int) -> None:
+    """Values in [0, rows): one small reduction and a device sync, but an out-of-range position
+    would make the kernels read outside the tables (garbage or an illegal address)."""
+    lo, hi = int(positions.min()), int(positions.max())
+    if lo < 0 or hi >= rows:
+        raise ValueError(f"positions: expected values in [0, {rows}) (rows of the tables), got "
+                         f"values in [{lo}, {hi}]")
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False,

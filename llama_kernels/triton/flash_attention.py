@@ -12,10 +12,10 @@ the natural-log log-sum-exp of the scaled scores over the visible keys; dq, dk, 
 contiguous with the shapes and dtypes of q, k, v (dk, dv summed over each query-head group).
 
 Kernels, and which launcher runs them:
-    _attn_fwd_kernel              prefill forward, FlashAttention-2 (grid: query blocks x B*Hq)
+    _attn_fwd_kernel              prefill forward, FlashAttention-2 (grid: query blocks * B*Hq)
     _attn_fwd_splitkv_kernel      decode forward, Sq <= DECODE_MAX_SEQLEN_Q: the keys are split
     _attn_splitkv_combine_kernel  across programs, each writes an fp32 partial (O, lse) and the
-                                  combine kernel merges them (grid: splits x row blocks x B*Hkv)
+                                  combine kernel merges them (grid: row blocks * B*Hkv x splits)
     _attn_bwd_preprocess_kernel   delta = rowsum(dO * O)
     _attn_bwd_dkdv_kernel         dK, dV: one program per key block and kv head, looping over
                                   the group's query heads and their query blocks (no atomics)
@@ -156,13 +156,17 @@ def _attn_fwd_kernel(
     # Computed in base 2 with the scale folded, qk_scale = scale * log2(e): a running max m and
     # sum l per row, acc rescaled by exp2(m_old - m_new) at each key block; lse = (m + log2 l)
     # * ln 2. Backward: _attn_bwd_dkdv_kernel / _attn_bwd_dq_kernel.
-    # Grid (cdiv(Sq, BLOCK_M), B * Hq); query blocks launched last-first (the causal ones with
-    # the most keys start first, shortening the tail). Causal key blocks above the diagonal are
-    # never loaded (loop bound); only the diagonal-straddling and ragged-end blocks are masked.
+    # Grid (cdiv(Sq, BLOCK_M) * B * Hq,), query block fastest: one axis, because grid axes 1
+    # and 2 stop at 65535, which B * Hq passes in large batches (2048 x 32 heads). Query
+    # blocks launched last-first (the causal ones with the most keys start first, shortening
+    # the tail), in the order of the former (query block, B * Hq) grid. Causal key blocks
+    # above the diagonal are never loaded (loop bound); only the diagonal-straddling and
+    # ragged-end blocks are masked.
     # Preconditions: unit stride along head_dim for q, k, v, out; lse contiguous (B, Hq, Sq);
     # causal => Sq <= Sk; BLOCK_D = next_pow2(HEAD_DIM) >= 16; Sk >= 1.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid_m = n_blocks_m - 1 - tl.program_id(0) % n_blocks_m
+    pid_bh = tl.program_id(0) // n_blocks_m
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
     kv_h = h // group_size
@@ -236,12 +240,15 @@ def _attn_fwd_splitkv_kernel(
     #   merges the splits. Forward only (the backward is the ordinary one).
     # GQA packing: the M tile holds the rows (query s, head g of the group) r = s * group_size +
     # g of one kv head, so each K/V tile is read once for all group_size query heads.
-    # Grid (n_splits, cdiv(Sq * group_size, BLOCK_M), B * Hkv). Partial buffers: o_part
-    # (B*Hq, n_splits, Sq, HEAD_DIM) and lse_part (B*Hq, n_splits, Sq), fp32, inner strides 1.
+    # Grid (cdiv(Sq * group_size, BLOCK_M) * B * Hkv, n_splits): row block fastest, then kv
+    # head (sharing axis 0, since axes 1 and 2 stop at 65535), then split (at most MAX_SPLITS).
+    # Partial buffers: o_part (B*Hq, n_splits, Sq, HEAD_DIM) and lse_part (B*Hq, n_splits,
+    # Sq), fp32, inner strides 1.
     # Preconditions: unit stride along head_dim; keys_per_split a multiple of BLOCK_N.
-    split = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_bkv = tl.program_id(2)
+    split = tl.program_id(1)
+    n_blocks_r = tl.cdiv(seqlen_q * group_size, BLOCK_M)
+    pid_r = tl.program_id(0) % n_blocks_r
+    pid_bkv = tl.program_id(0) // n_blocks_r
     b = pid_bkv // n_heads_kv
     kv_h = pid_bkv % n_heads_kv
     h0 = kv_h * group_size  # first query head of the group
@@ -343,9 +350,10 @@ def _attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # delta_i = sum_d dO_i,d * O_i,d  (= sum_j P_ij dP_ij, the softmax-backward row term), fp32
-    # (B, Hq, Sq). Grid (cdiv(Sq, BLOCK_M), B * Hq).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # (B, Hq, Sq). Grid (cdiv(Sq, BLOCK_M) * B * Hq,), query block fastest.
+    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid_m = tl.program_id(0) % n_blocks_m
+    pid_bh = tl.program_id(0) // n_blocks_m
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
     start_m = pid_m * BLOCK_M
@@ -423,10 +431,12 @@ def _attn_bwd_dkdv_kernel(
     # contribution lands in one program, so no atomics and a fixed summation order.
     # Causal: query blocks wholly above the diagonal (i < j - (Sk - Sq) for every pair) are
     # skipped by the loop bound, the diagonal-straddling ones are masked, the rest are not.
-    # Grid (cdiv(Sk, BLOCK_N), B * Hkv). Preconditions: unit stride along head_dim; lse (natural
-    # log) and delta fp32 contiguous (B, Hq, Sq); causal => Sq <= Sk.
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    # Grid (cdiv(Sk, BLOCK_N) * B * Hkv,), key block fastest. Preconditions: unit stride
+    # along head_dim; lse (natural log) and delta fp32 contiguous (B, Hq, Sq); causal =>
+    # Sq <= Sk.
+    n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks_n
+    pid_bkv = tl.program_id(0) // n_blocks_n
     b = pid_bkv // n_heads_kv
     kv_h = pid_bkv % n_heads_kv
     start_n = pid_n * BLOCK_N
@@ -532,10 +542,11 @@ def _attn_bwd_dq_kernel(
     # Backward, dQ = scale * dS K with dS = P * (dO V^T - delta) (see _attn_bwd_dkdv_kernel).
     # One program per (query block, b, query head) holds Q, dO and an fp32 dQ on chip and walks
     # the key blocks it can see (the forward's loop bounds): no atomics, deterministic.
-    # Grid (cdiv(Sq, BLOCK_M), B * Hq), query blocks last-first as in the forward.
+    # Grid (cdiv(Sq, BLOCK_M) * B * Hq,), query blocks last-first as in the forward.
     # Preconditions: those of _attn_bwd_dkdv_kernel.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid_m = n_blocks_m - 1 - tl.program_id(0) % n_blocks_m
+    pid_bh = tl.program_id(0) // n_blocks_m
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
     kv_h = h // group_size
@@ -814,7 +825,7 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         if not decode:
             cfg = configs.get("fwd") or attention_config("fwd", d, arch,
                                                          elem_bytes=q.element_size())
-            grid = (triton.cdiv(sq, cfg.block_m), b * hq)
+            grid = (triton.cdiv(sq, cfg.block_m) * b * hq,)
             _attn_fwd_kernel[grid](
                 q, k, v, out, lse,
                 sq, sk, hq, hq // hkv, qk_scale,
@@ -834,7 +845,7 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         keys_per_split = triton.cdiv(n_key_blocks, num_splits) * cfg.block_n
         o_part = torch.empty((b * hq, num_splits, sq, d), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((b * hq, num_splits, sq), dtype=torch.float32, device=q.device)
-        _attn_fwd_splitkv_kernel[(num_splits, row_blocks, b * hkv)](
+        _attn_fwd_splitkv_kernel[(row_blocks * b * hkv, num_splits)](
             q, k, v, o_part, lse_part,
             sq, sk, hq, hkv, group, keys_per_split, qk_scale,
             *_strides(q), *_strides(k), *_strides(v),
@@ -891,14 +902,14 @@ def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     qk_scale = softmax_scale * LOG2E
     with _device_guard(q.device):
         cfg = configs.get("bwd_preprocess") or attention_config("bwd_preprocess", d, arch)
-        _attn_bwd_preprocess_kernel[(triton.cdiv(sq, cfg.block_m), b * hq)](
+        _attn_bwd_preprocess_kernel[(triton.cdiv(sq, cfg.block_m) * b * hq,)](
             out, dout, delta, sq, hq, *_strides(out), *_strides(dout),
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_D=block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         cfg = configs.get("bwd_dkdv") or attention_config("bwd_dkdv", d, arch,
                                                          elem_bytes=q.element_size())
-        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n), b * hkv)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n) * b * hkv,)](
             q, k, v, dout, lse, delta, dk, dv,
             sq, sk, hq, hkv, hq // hkv, softmax_scale, qk_scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
@@ -908,7 +919,7 @@ def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         )
         cfg = configs.get("bwd_dq") or attention_config("bwd_dq", d, arch,
                                                      elem_bytes=q.element_size())
-        _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg.block_m), b * hq)](
+        _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg.block_m) * b * hq,)](
             q, k, v, dout, lse, delta, dq,
             sq, sk, hq, hq // hkv, softmax_scale, qk_scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
