@@ -79,6 +79,11 @@ class Attention(nn.Module):
 
     Rotary uses Meta's interleaved pairs ``(x[2i], x[2i+1])``, the layout Meta's checkpoints were
     trained with (``Transformer.from_hf`` undoes Hugging Face's row permutation to match it).
+
+    Tensor parallel (``llama_kernels.distributed.parallelize_llama``) splits wq/wk/wv by output
+    rows and wo by input columns, whole heads per rank, and sets ``tp_size``: the forward takes
+    the head count of each rank from its projections' output width, and the KV cache holds the
+    ``n_kv_heads // tp_size`` local heads. ``n_heads`` and ``n_kv_heads`` stay the model's.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None):
@@ -90,6 +95,7 @@ class Attention(nn.Module):
             raise ValueError(f"n_kv_heads: {n_kv_heads} must divide n_heads {n_heads}")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads
+        self.tp_size = 1  # ranks the heads are split across (set by parallelize_llama)
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
@@ -103,7 +109,7 @@ class Attention(nn.Module):
         buffers (dtype and device of the weights unless given); forward then uses them."""
         dtype = self.wk.weight.dtype if dtype is None else dtype
         device = self.wk.weight.device if device is None else device
-        shape = (max_batch, max_seq_len, self.n_kv_heads, self.head_dim)
+        shape = (max_batch, max_seq_len, self.n_kv_heads // self.tp_size, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype, device=device),
@@ -123,13 +129,20 @@ class Attention(nn.Module):
         are the same call. Cache writes are in place: run cached forwards under ``no_grad``.
         """
         batch, seqlen, _ = x.shape
-        q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)  # (B, S, Hq, D)
-        k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
-        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
+        # -1: the heads of this rank (all of them unless tensor parallel splits them)
+        q = self.wq(x).view(batch, seqlen, -1, self.head_dim)  # (B, S, Hq, D)
+        k = self.wk(x).view(batch, seqlen, -1, self.head_dim)  # (B, S, Hkv, D)
+        v = self.wv(x).view(batch, seqlen, -1, self.head_dim)  # (B, S, Hkv, D)
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
         if use_cache and self.cache_k is not None:
             end = start_pos + seqlen
+            if k.shape[2] != self.cache_k.shape[2]:
+                raise ValueError(
+                    f"x: {k.shape[2]} kv heads on this rank but the KV cache holds "
+                    f"{self.cache_k.shape[2]} (n_kv_heads {self.n_kv_heads} / tp_size "
+                    f"{self.tp_size}); set tp_size to the tensor-parallel degree (as "
+                    "parallelize_llama does) before setup_cache")
             if batch > self.cache_k.shape[0] or end > self.cache_k.shape[1]:
                 raise ValueError(
                     f"x: batch {batch} at positions [{start_pos}, {end}) does not fit the KV "
@@ -143,7 +156,7 @@ class Attention(nn.Module):
             raise ValueError(f"start_pos: {start_pos} without a KV cache; call setup_cache "
                              "first or pass the whole sequence with start_pos=0")
         out = flash_attention(q, k, v, causal=True)  # (B, S, Hq, D)
-        return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
+        return self.wo(out.reshape(batch, seqlen, -1))  # (B, S, Hq * D) -> (B, S, dim)
 
 
 class TransformerBlock(nn.Module):
