@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -49,3 +50,30 @@ def assert_close(out: torch.Tensor, ref32: torch.Tensor, eager: torch.Tensor, na
     eager_err = max_err(eager, ref32)
     tol = 2 * eager_err + _floor(out.dtype, ref32.abs().max().item())
     assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (eager {eager_err:.3e})"
+
+
+class Guarded:
+    """An output view inside a NaN-filled buffer: one guard slot before and after it along each
+    leading dimension, 3 before and 5 after along the last (``contiguous=True``: a contiguous
+    view in the middle of a flat buffer). ``check`` asserts the view was fully written (finite)
+    and nothing outside it was (the guards are still NaN)."""
+
+    def __init__(self, shape, dtype, contiguous: bool = False):
+        shape = tuple(shape)
+        if contiguous:
+            n = math.prod(shape)
+            self.buf = torch.full((n + 16,), float("nan"), dtype=dtype, device=DEVICE)
+            self.index = (slice(8, 8 + n),)
+            self.view = self.buf[self.index].view(shape)
+        else:
+            lead = tuple(n + 2 for n in shape[:-1])
+            self.buf = torch.full(lead + (shape[-1] + 8,), float("nan"), dtype=dtype,
+                                  device=DEVICE)
+            self.index = tuple(slice(1, 1 + n) for n in shape[:-1]) + (slice(3, 3 + shape[-1]),)
+            self.view = self.buf[self.index]
+
+    def check(self, name: str) -> None:
+        assert torch.isfinite(self.view).all(), f"{name}: part of the output was not written"
+        outside = torch.ones(self.buf.shape, dtype=torch.bool, device=DEVICE)
+        outside[self.index] = False
+        assert self.buf[outside].isnan().all(), f"{name}: a store landed outside the output"

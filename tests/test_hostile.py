@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import llama_kernels as lk
 from llama_kernels import reference
 from fuzz_profiles import FUZZ
-from helpers import DEVICE, GPU, INTERPRET, backend_params
+from helpers import DEVICE, GPU, INTERPRET, Guarded, backend_params
 
 BACKENDS = backend_params()
 TRITON_RUNS = GPU or INTERPRET
@@ -420,32 +420,6 @@ def test_odd_layouts_match_contiguous(backend, name, dout):
 # ------------------------------------------------------------------------------ guard regions
 
 
-class Guarded:
-    """An output view inside a NaN buffer: one guard slot before and after it along each
-    leading dimension and 3 before / 5 after along the last. ``check``: the view was fully
-    written and nothing outside it was."""
-
-    def __init__(self, shape, dtype, contiguous: bool = False):
-        shape = tuple(shape)
-        if contiguous:
-            n = math.prod(shape)
-            self.buf = torch.full((n + 16,), float("nan"), dtype=dtype, device=DEVICE)
-            self.index = (slice(8, 8 + n),)
-            self.view = self.buf[self.index].view(shape)
-        else:
-            lead = tuple(n + 2 for n in shape[:-1])
-            self.buf = torch.full(lead + (shape[-1] + 8,), float("nan"), dtype=dtype,
-                                  device=DEVICE)
-            self.index = tuple(slice(1, 1 + n) for n in shape[:-1]) + (slice(3, 3 + shape[-1]),)
-            self.view = self.buf[self.index]
-
-    def check(self, name: str) -> None:
-        assert torch.isfinite(self.view).all(), f"{name}: part of the output was not written"
-        outside = torch.ones(self.buf.shape, dtype=torch.bool, device=DEVICE)
-        outside[self.index] = False
-        assert self.buf[outside].isnan().all(), f"{name}: a store landed outside the output"
-
-
 def poisoned(shape, dtype, scale=1.0):
     """Random values in a view padded with NaN on every side: a read past a mask shows."""
     g = Guarded(shape, dtype)
@@ -454,12 +428,18 @@ def poisoned(shape, dtype, scale=1.0):
 
 
 def test_guarded_catches_stray_store():
-    g = Guarded((2, 3), torch.float32)
-    g.view.fill_(1.0)
-    g.check("clean")
-    g.buf[0, 0] = 0.0
-    with pytest.raises(AssertionError, match="outside"):
-        g.check("stray")
+    """The guard-region check (tests/helpers.Guarded) itself can fail, in both layouts."""
+    for contiguous in (False, True):
+        g = Guarded((2, 3, 4), torch.float32, contiguous=contiguous)
+        g.view.fill_(1.0)
+        g.check("clean")
+        g.buf.view(-1)[0] = 0.0
+        with pytest.raises(AssertionError, match="outside"):
+            g.check("stray")
+        g.buf.view(-1)[0] = float("nan")
+        g.view[-1, -1, -1] = float("nan")
+        with pytest.raises(AssertionError, match="not written"):
+            g.check("unwritten")
 
 
 GUARD_DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])

@@ -43,7 +43,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != 
 import llama_kernels as lk  # noqa: E402
 from llama_kernels import reference  # noqa: E402
 from llama_kernels.triton import flash_attention as fa  # noqa: E402
-from helpers import DEVICE, DTYPES, GPU, assert_close  # noqa: E402
+from helpers import DEVICE, DTYPES, GPU, Guarded, assert_close  # noqa: E402
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,43 +60,6 @@ def poisoned(shape, dtype) -> torch.Tensor:
     view = buf[:, 1:1 + s, 1:1 + h, 3:3 + d]
     view.copy_(torch.randn(shape, device=DEVICE))
     return view
-
-
-class Guarded:
-    """An output view inside a NaN buffer (one guard before/after along each leading dimension,
-    3 before and 5 after along the last); ``contiguous=True`` gives a contiguous view in the
-    middle of a flat buffer. ``check`` asserts the view was fully written and nothing else."""
-
-    def __init__(self, shape, dtype, contiguous: bool = False):
-        shape = tuple(shape)
-        if contiguous:
-            n = math.prod(shape)
-            self.buf = torch.full((n + 16,), float("nan"), dtype=dtype, device=DEVICE)
-            self.index = (slice(8, 8 + n),)
-            self.view = self.buf[self.index].view(shape)
-        else:
-            lead = tuple(n + 2 for n in shape[:-1])
-            self.buf = torch.full(lead + (shape[-1] + 8,), float("nan"), dtype=dtype,
-                                  device=DEVICE)
-            self.index = tuple(slice(1, 1 + n) for n in shape[:-1]) + (slice(3, 3 + shape[-1]),)
-            self.view = self.buf[self.index]
-
-    def check(self, name: str) -> None:
-        assert torch.isfinite(self.view).all(), f"{name}: part of the output was not written"
-        outside = torch.ones(self.buf.shape, dtype=torch.bool, device=DEVICE)
-        outside[self.index] = False
-        assert self.buf[outside].isnan().all(), f"{name}: a store landed outside the output"
-
-
-def test_guarded_catches_stray_store():
-    """The poison check itself can fail."""
-    for contiguous in (False, True):
-        g = Guarded((2, 3, 4), torch.float32, contiguous=contiguous)
-        g.view.fill_(1.0)
-        g.check("clean")
-        g.buf.view(-1)[-1] = 0.0
-        with pytest.raises(AssertionError, match="outside"):
-            g.check("stray")
 
 
 def qkv_inputs(b, sq, sk, hq, hkv, d, dtype, *, poison=True):

@@ -37,7 +37,7 @@ from llama_kernels import reference  # noqa: E402
 from llama_kernels.triton import rms_norm as tri_norm  # noqa: E402
 from llama_kernels.triton import rotary as tri_rotary  # noqa: E402
 from llama_kernels.triton import swiglu as tri_swiglu  # noqa: E402
-from helpers import DEVICE, DTYPES, GPU, INTERPRET, assert_close  # noqa: E402
+from helpers import DEVICE, DTYPES, GPU, INTERPRET, Guarded, assert_close  # noqa: E402
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 EPS = 1e-6
@@ -58,36 +58,6 @@ def rand_rows(rows: int, cols: int, dtype, pad: int = 5) -> torch.Tensor:
     view = buf[:, pad:pad + cols]
     view.copy_(torch.randn(rows, cols, device=DEVICE))
     return view
-
-
-class Guarded:
-    """An output view inside a NaN-filled buffer: one guard element before and after it along
-    every leading dimension, 3 before and 5 after along the last. ``check`` asserts the view
-    was fully written (finite) and nothing outside it was (guards still NaN)."""
-
-    def __init__(self, shape, dtype):
-        shape = tuple(shape)
-        lead = tuple(n + 2 for n in shape[:-1])
-        self.buf = torch.full(lead + (shape[-1] + 8,), float("nan"), dtype=dtype,
-                              device=DEVICE)
-        self.index = tuple(slice(1, 1 + n) for n in shape[:-1]) + (slice(3, 3 + shape[-1]),)
-        self.view = self.buf[self.index]
-
-    def check(self, name: str) -> None:
-        assert torch.isfinite(self.view).all(), f"{name}: part of the output was not written"
-        outside = torch.ones(self.buf.shape, dtype=torch.bool, device=DEVICE)
-        outside[self.index] = False
-        assert self.buf[outside].isnan().all(), f"{name}: a store landed outside the output"
-
-
-def test_guarded_catches_stray_store():
-    """The poison check itself can fail."""
-    g = Guarded((3, 4), torch.float32)
-    g.view.fill_(1.0)
-    g.check("clean")
-    g.buf[0, 0] = 0.0
-    with pytest.raises(AssertionError, match="outside"):
-        g.check("stray")
 
 
 def _grads(fn, inputs, douts):
