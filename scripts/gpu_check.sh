@@ -76,9 +76,38 @@ if command -v compute-sanitizer > /dev/null; then
     "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda and (123 or 64 or halves or strided)"
   step initcheck 60 compute-sanitizer --tool initcheck --error-exitcode 3 \
     "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda and (123 or 64 or halves or strided)"
+  step synccheck 60 compute-sanitizer --tool synccheck --error-exitcode 3 \
+    "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda and (123 or 64 or halves or strided)"
 else
   echo "compute-sanitizer: not found, skipped" | tee -a "$SUMMARY"
 fi
+
+# Reliability summary: fuzz / hostile / numerics / determinism / leak cases from the junit
+# record, and the sanitizers' error counts.
+"$PY" - "$OUT" > "$OUT/reliability.txt" 2>&1 <<'PY'
+import glob, os, re, sys
+import xml.etree.ElementTree as ET
+out = sys.argv[1]
+files = ("test_fuzz", "test_hostile", "test_numerics", "test_determinism", "test_gpu_reliability")
+counts = {f: [0, 0, 0] for f in files}  # tried, failed, skipped
+try:
+    for case in ET.parse(os.path.join(out, "junit.xml")).getroot().iter("testcase"):
+        name = case.get("classname", "").split(".")[-1]
+        if name in counts:
+            c = counts[name]
+            c[0] += 1
+            c[1] += any(ch.tag in ("failure", "error") for ch in case)
+            c[2] += any(ch.tag == "skipped" for ch in case)
+except (OSError, ET.ParseError) as e:
+    print(f"junit.xml unreadable: {e}")
+for f, (tried, failed, skipped) in counts.items():
+    print(f"{f}: {tried} cases, {failed} failed, {skipped} skipped")
+for log in sorted(glob.glob(os.path.join(out, "*check.log"))):
+    text = open(log, errors="replace").read()
+    found = re.findall(r"(ERROR SUMMARY: \d+ errors?|RACECHECK SUMMARY: .*)", text)
+    print(f"{os.path.basename(log)}: {found[-1] if found else 'no summary line'}")
+PY
+cat "$OUT/reliability.txt"
 
 echo "== failures"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests.log | head -40
