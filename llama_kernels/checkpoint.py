@@ -46,6 +46,18 @@ def _shard_files(checkpoint_dir: str) -> list[str]:
     return files
 
 
+def _load_file(path: str, loader=None) -> dict[str, Tensor]:
+    """One checkpoint file's tensors; a truncated or foreign file raises a ValueError that
+    names it (torch's own message is about pickles and zip archives)."""
+    try:
+        if loader is not None:
+            return loader(path)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling, zip and safetensors errors vary
+        raise ValueError(f"{path!r} is not a readable checkpoint (corrupt or truncated?): "
+                         f"{type(e).__name__}: {e}") from e
+
+
 def load_meta(checkpoint_dir: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """``(params, state_dict)`` of a Meta-format directory, model-parallel shards merged.
 
@@ -54,8 +66,7 @@ def load_meta(checkpoint_dir: str | os.PathLike) -> tuple[dict, dict[str, Tensor
     checkpoint_dir = os.fspath(checkpoint_dir)
     with open(os.path.join(checkpoint_dir, "params.json")) as f:
         params = json.load(f)
-    shards = [torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-              for path in _shard_files(checkpoint_dir)]
+    shards = [_load_file(path) for path in _shard_files(checkpoint_dir)]
     merged: dict[str, Tensor] = {}
     for name, first in shards[0].items():
         if name.startswith(_DROPPED_PREFIXES):
@@ -67,7 +78,12 @@ def load_meta(checkpoint_dir: str | os.PathLike) -> tuple[dict, dict[str, Tensor
         missing = [i for i, shard in enumerate(shards) if name not in shard]
         if missing:
             raise ValueError(f"checkpoint_dir: {name!r} is missing from shard(s) {missing}")
-        merged[name] = torch.cat([shard[name] for shard in shards], dim=dim)
+        parts = [shard[name] for shard in shards]
+        shapes = {tuple(t.shape[:dim]) + tuple(t.shape[dim + 1:]) for t in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"checkpoint_dir: the shards of {name!r} disagree outside the "
+                             f"split dimension {dim}: {[tuple(t.shape) for t in parts]}")
+        merged[name] = torch.cat(parts, dim=dim)
     return params, merged
 
 
@@ -209,14 +225,14 @@ def load_hf_dir(model_dir: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         except ImportError as e:
             raise ImportError("model_dir holds .safetensors files: pip install safetensors") from e
         for path in st_files:
-            state.update(load_file(path))
+            state.update(_load_file(path, load_file))
     else:
         bin_files = sorted(glob.glob(os.path.join(model_dir, "pytorch_model*.bin")))
         if not bin_files:
             raise FileNotFoundError(f"model_dir: no *.safetensors or pytorch_model*.bin in "
                                     f"{model_dir!r}")
         for path in bin_files:
-            state.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+            state.update(_load_file(path))
     return config, state
 
 

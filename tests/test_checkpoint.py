@@ -107,6 +107,31 @@ def test_checkpoint_errors(tmp_path):
         tiny_model().save_meta(tmp_path, num_shards=3)  # 3 does not divide dim 64
 
 
+def test_corrupt_or_mismatched_checkpoints_name_the_file_or_tensor(tmp_path):
+    model = tiny_model()
+    model.save_meta(tmp_path, num_shards=2)
+    shard = tmp_path / "consolidated.01.pth"
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match="consolidated.01.pth"):
+        Transformer.from_meta(tmp_path)
+    shard.write_bytes(good)
+    # a shard whose wq disagrees with the other outside the split dimension
+    state = torch.load(shard, weights_only=True)
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"][:, :-1]
+    torch.save(state, shard)
+    with pytest.raises(ValueError, match="layers.0.attention.wq.weight"):
+        Transformer.from_meta(tmp_path)
+    # a single shard with a wrongly sized tensor: torch's strict load names it
+    single = tmp_path / "single"
+    model.save_meta(single, num_shards=1)
+    state = torch.load(single / "consolidated.00.pth", weights_only=True)
+    state["layers.1.feed_forward.w2.weight"] = state["layers.1.feed_forward.w2.weight"][:-1]
+    torch.save(state, single / "consolidated.00.pth")
+    with pytest.raises(RuntimeError, match="layers.1.feed_forward.w2.weight"):
+        Transformer.from_meta(single)
+
+
 def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """transformers' convert_llama_weights_to_hf.py ``permute``."""
     dim1, dim2 = w.shape
@@ -127,3 +152,13 @@ def test_unpermuting_hf_rows_maps_half_split_rotary_to_interleaved(n_heads, head
     features = hf.reshape(14, n_heads * head_dim).T.contiguous()  # (H*D, B*S): rows to permute
     back = unpermute_hf_rotary(features, n_heads)
     torch.testing.assert_close(back.T.reshape(meta.shape), meta, atol=1e-6, rtol=1e-5)
+
+
+def test_corrupt_hf_safetensors_names_the_file(tmp_path):
+    pytest.importorskip("safetensors")
+    from llama_kernels.checkpoint import load_hf_dir
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"\x10\x00garbage")
+    with pytest.raises(ValueError, match="model-00001-of-00001.safetensors"):
+        load_hf_dir(tmp_path)
