@@ -103,7 +103,7 @@ def run_case(case: C.Case, ceilings: harness.Ceilings, quick: bool) -> list[dict
             except Exception as e:  # noqa: BLE001 - a failing implementation is a result too
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
-    del inputs
+    inputs.clear()  # free the case's tensors before the next case allocates its own
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows

@@ -120,21 +120,28 @@ class Ceilings:
     notes: list[str] = field(default_factory=list)
 
 
-def measure_ceilings(quick: bool = False) -> Ceilings:
-    if not GPU:
-        return Ceilings(float("nan"), float("nan"), notes=["no GPU: ceilings not measured"])
-    n_bytes = (1 if quick else 2) * 2**30
+def _copy_gbps(n_bytes: int) -> float:
+    """Device-to-device copy of n_bytes, counting bytes read plus written."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
     t = time_host(lambda: dst.copy_(src))
-    copy_gbps = 2 * n_bytes / (t.ms * 1e-3) / 1e9
-    del src, dst
-    size = 8192
+    return 2 * n_bytes / (t.ms * 1e-3) / 1e9
+
+
+def _matmul_tflops(size: int) -> float:
+    """A (size x size) @ (size x size) bf16 product on random data (zeros run faster)."""
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     t = time_host(lambda: a @ b)
-    tflops = 2 * size**3 / (t.ms * 1e-3) / 1e12
-    return Ceilings(copy_gbps, tflops, copy_bytes=n_bytes, matmul_size=size)
+    return 2 * size**3 / (t.ms * 1e-3) / 1e12
+
+
+def measure_ceilings(quick: bool = False) -> Ceilings:
+    if not GPU:
+        return Ceilings(float("nan"), float("nan"), notes=["no GPU: ceilings not measured"])
+    n_bytes, size = (1 if quick else 2) * 2**30, 8192
+    return Ceilings(_copy_gbps(n_bytes), _matmul_tflops(size), copy_bytes=n_bytes,
+                    matmul_size=size)
 
 
 def _git_commit() -> str:
