@@ -203,7 +203,8 @@ def row_cases(backends, presets, tokens, dtype, device):
             impls["liger"] = LIGER["swiglu"]
         cases.append(Case(
             "swiglu", f"{name} tokens={n} hidden={hidden}", n * hidden, impls, swiglu_inputs,
-            reference.swiglu, bytes_fn=lambda d, hidden=hidden: counts.swiglu_bytes(n, hidden, s, d)))
+            reference.swiglu,
+            bytes_fn=lambda d, hidden=hidden: counts.swiglu_bytes(n, hidden, s, d)))
 
         heads, kv_heads, seqlen = p["heads"], 8, min(4096, n)
         batch = max(1, n // seqlen)

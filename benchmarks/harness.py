@@ -179,7 +179,8 @@ def environment() -> dict:
                    sms=props.multi_processor_count,
                    capability=f"{props.major}.{props.minor}")
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                  "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=20)
             env["driver"] = smi.stdout.strip().splitlines()[0] if smi.stdout.strip() else None
         except (OSError, subprocess.SubprocessError, IndexError):

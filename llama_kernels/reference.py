@@ -109,7 +109,7 @@ def swiglu_backward(dout, gate, up):
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float = 10000.0, *, device=None):
-    """``(cos, sin)``, each fp32 ``(seq_len, head_dim // 2)``, angle ``t * theta**(-2i/head_dim)``."""
+    """``(cos, sin)``, each fp32 ``(seq_len, head_dim // 2)``; angle ``t * theta**(-2i/D)``."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
     )
