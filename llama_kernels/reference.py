@@ -71,13 +71,16 @@ def add_rms_norm(x, residual, weight, eps: float = 1e-6, *, upcast: bool = True)
     return rms_norm(h, weight, eps, upcast=upcast), h
 
 
-def rms_norm_backward(dy, x, weight, rstd):
-    """Gradients ``(dx, dweight)`` of ``rms_norm`` given the saved fp32 ``rstd``."""
+def rms_norm_backward(dy, x, weight, rstd, dh=None):
+    """Gradients ``(dx, dweight)`` of ``rms_norm`` given the saved fp32 ``rstd``; ``dh`` (the
+    gradient reaching h of add_rms_norm directly) is added to dx in fp32 before the rounding."""
     dyf, xf, wf = dy.float(), x.float(), weight.float()
     r = rstd.float().unsqueeze(-1)
     xhat = xf * r
     g = dyf * wf
     dx = r * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    if dh is not None:
+        dx = dx + dh.float()
     dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
     return dx.to(x.dtype), dw.to(weight.dtype)
 

@@ -71,9 +71,7 @@ def _(x, residual, weight, eps, backend):
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor | None,
                  backend: str) -> tuple[Tensor, Tensor]:
     if backend == "torch":
-        dx, dw = reference.rms_norm_backward(dy, x, weight, rstd)
-        if dh is not None:
-            dx = (dx.float() + dh.float()).to(dx.dtype)
+        dx, dw = reference.rms_norm_backward(dy, x, weight, rstd, dh)
         return dx.contiguous(), dw
     args = (_rows(dy), _rows(x), weight.contiguous(), rstd.reshape(-1).contiguous(),
             None if dh is None else _rows(dh))

@@ -25,7 +25,7 @@ MAX_KERNEL_HEAD_DIM = 256
 @torch.library.custom_op("llama_kernels::rotary_apply", mutates_args=())
 def rotary_apply(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None,
                  interleaved: bool, conjugate: bool, backend: str) -> Tensor:
-    if positions is not None:
+    if positions is not None and not conjugate:  # the backward reuses checked positions
         _check_positions_range(positions, cos.shape[0])
     if backend == "torch":
         return reference.apply_rotary(x, cos, sin, interleaved=interleaved,
@@ -115,9 +115,13 @@ def _check(x, cos, sin, positions):
 
 
 def _check_positions_range(positions: Tensor, rows: int) -> None:
-    """Values in [0, rows): one small reduction and a device sync, but an out-of-range position
-    would make the kernels read outside the tables (garbage or an illegal address)."""
-    lo, hi = int(positions.min()), int(positions.max())
+    """Values in [0, rows): one small reduction and one device sync, because an out-of-range
+    position would make the kernels read outside the tables. Skipped while a CUDA graph is
+    being captured (a sync is illegal there): the cuda kernel still traps such a position with
+    a device assert; the triton kernel does not check."""
+    if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(positions))
     if lo < 0 or hi >= rows:
         raise ValueError(f"positions: expected values in [0, {rows}) (rows of the tables), got "
                          f"values in [{lo}, {hi}]")
