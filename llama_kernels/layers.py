@@ -43,10 +43,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """``rms_norm(x)``; with ``residual``, ``(rms_norm(x + residual), x + residual)``."""
+        """``rms_norm(x)``; with ``residual``, ``(rms_norm(x + residual), x + residual)``.
+
+        The ops take one dtype; under ``torch.autocast`` (fp32 weights and residual stream,
+        bf16 branch outputs) the sum is taken in the wider of the two dtypes, as eager
+        ``x + residual`` would, and the weight is cast to it (differentiably)."""
+        if residual is not None and residual.dtype != x.dtype:
+            wide = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(wide), residual.to(wide)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return rms_norm(x, weight, self.eps)
+        return add_rms_norm(x, residual, weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -126,7 +134,8 @@ class Attention(nn.Module):
         With a cache set up (and ``use_cache``), the new keys and values are written at
         ``start_pos`` and the queries attend to all ``start_pos + S`` cached ones; the causal
         mask of ``flash_attention`` is bottom-right aligned, so prefill and one-token decoding
-        are the same call. Cache writes are in place: run cached forwards under ``no_grad``.
+        are the same call. The cache stores detached keys and values: with autograd on, the
+        gradient reaches this call's keys and values, not those of earlier calls.
         """
         batch, seqlen, _ = x.shape
         # -1: the heads of this rank (all of them unless tensor parallel splits them)
@@ -148,10 +157,20 @@ class Attention(nn.Module):
                     f"x: batch {batch} at positions [{start_pos}, {end}) does not fit the KV "
                     f"cache (max_batch {self.cache_k.shape[0]}, max_seq_len "
                     f"{self.cache_k.shape[1]}); call setup_cache with larger sizes")
-            self.cache_k[:batch, start_pos:end] = k
-            self.cache_v[:batch, start_pos:end] = v
-            k = self.cache_k[:batch, :end]  # (B, start_pos + S, Hkv, D)
-            v = self.cache_v[:batch, :end]
+            # the cache holds values, never graph: it outlives this step
+            self.cache_k[:batch, start_pos:end] = k.detach()
+            self.cache_v[:batch, start_pos:end] = v.detach()
+            if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+                # gradients through a cached forward: this step's keys keep their graph, the
+                # past ones are constants, and a fresh tensor (not a view of the cache) is
+                # what attention saves, so later cache writes cannot invalidate it
+                k = torch.cat((self.cache_k[:batch, :start_pos].to(k.dtype), k), dim=1)
+                v = torch.cat((self.cache_v[:batch, :start_pos].to(v.dtype), v), dim=1)
+            else:
+                k = self.cache_k[:batch, :end]  # (B, start_pos + S, Hkv, D)
+                v = self.cache_v[:batch, :end]
+            if k.dtype != q.dtype:  # autocast: a cache in the weights' dtype, bf16 queries
+                k, v = k.to(q.dtype), v.to(q.dtype)
         elif start_pos != 0:
             raise ValueError(f"start_pos: {start_pos} without a KV cache; call setup_cache "
                              "first or pass the whole sequence with start_pos=0")

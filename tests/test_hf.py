@@ -142,3 +142,17 @@ def test_from_hf_matches_the_hf_model(unpatched_rotary, tied, tmp_path):
 def test_from_hf_rejects_unsupported_variants():
     with pytest.raises(ValueError, match="attention_bias"):
         Transformer.from_hf(tiny_hf(attention_bias=True))
+
+
+def test_patched_norm_keeps_hf_promotion_for_mixed_dtypes():
+    """fp32 norm weights over bf16 hidden states: HF returns fp32; so does the patched norm."""
+    norm = modeling_llama.LlamaRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    expected = norm(x)
+    model = torch.nn.Sequential(norm)
+    patch_llama(model)
+    got = norm(x)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -325,3 +325,36 @@ def test_model_on_kernel_backends(backend):
         tol = 2 * (e - r).abs().max().item() + 1e-5 * r.abs().max().item()
         err = (o - r).abs().max().item()
         assert err <= tol, f"{name}: error {err:.3e} > {tol:.3e}"
+
+
+def test_autocast_training_and_cached_decoding():
+    """Mixed precision as people train: fp32 weights, bf16 matmuls under torch.autocast. The
+    residual stream stays fp32, the norms take the wider dtype, the cache is read in bf16."""
+    model = tiny()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9))
+    reference_logits = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    scale = reference_logits.abs().max().item()
+    assert (logits.float() - reference_logits).abs().max().item() < 0.05 * scale
+    model.setup_cache(2, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens[:, :8], start_pos=0)
+        step = model(tokens[:, 8:9], start_pos=8)
+    torch.testing.assert_close(step.float(), reference_logits[:, 8:9], rtol=0.05,
+                               atol=0.05 * scale)
+
+
+def test_cached_forward_with_grad_enabled_keeps_graphs_apart():
+    """Two cached calls with autograd on: the cache holds detached keys, so the second call's
+    graph does not reach into the first's and the cache never requires grad."""
+    model = tiny()
+    model.setup_cache(1, 32)
+    tokens = torch.randint(0, model.args.vocab_size, (1, 9))
+    a = model(tokens[:, :8], start_pos=0)
+    b = model(tokens[:, 8:], start_pos=8)
+    (a.sum() + b.sum()).backward()
+    assert not model.layers[0].attention.cache_k.requires_grad

@@ -39,6 +39,10 @@ _SILU = ("silu", "swish")
 
 
 def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    if self.weight.dtype != hidden_states.dtype:
+        # e.g. fp32 norms over bf16 hidden states: HF promotes the output to fp32, which our
+        # one-dtype op does not; its own forward keeps that behaviour exactly
+        return type(self).forward(self, hidden_states)
     eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
     return rms_norm(hidden_states, self.weight, eps)
 
@@ -66,9 +70,11 @@ def llama_kernels_attention(module: nn.Module, query: Tensor, key: Tensor, value
     if not plain:
         return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout,
                                 scaling=scaling, is_causal=is_causal, **kwargs)
-    out = flash_attention(query.transpose(1, 2).contiguous(),  # (B, Sq, Hq, D)
-                          key.transpose(1, 2).contiguous(),  # (B, Sk, Hkv, D)
-                          value.transpose(1, 2).contiguous(),
+    # strided views, no copies: a copy of the whole KV cache per decode step would cost as
+    # much memory traffic as the attention itself
+    out = flash_attention(query.transpose(1, 2),  # (B, Sq, Hq, D)
+                          key.transpose(1, 2),  # (B, Sk, Hkv, D)
+                          value.transpose(1, 2),
                           causal=True, softmax_scale=scaling)
     return out, None
 
