@@ -37,7 +37,7 @@ def _grad(fn, inputs, dout):
     return out.detach(), torch.autograd.grad(out, leaves, dout)
 
 
-def _same_except(a: torch.Tensor, b: torch.Tensor, poisoned: torch.Tensor, what: str) -> None:
+def assert_same_except(a: torch.Tensor, b: torch.Tensor, poisoned: torch.Tensor, what: str) -> None:
     """``a`` is NaN exactly where ``poisoned`` is True and bitwise equal to ``b`` elsewhere."""
     assert torch.equal(a.isnan(), poisoned), f"{what}: NaN pattern differs from the expected one"
     assert torch.equal(a[~poisoned], b[~poisoned]), f"{what}: values without NaN changed"
@@ -60,8 +60,8 @@ def test_rms_norm_nan_stays_in_its_row(backend, dtype):
     y_n, (dx_n, dw_n) = _grad(fn, [x_nan, w], dy)
     row = torch.zeros(rows, dim, dtype=torch.bool, device=DEVICE)
     row[bad] = True
-    _same_except(y_n, y, row, "y")
-    _same_except(dx_n, dx, row, "dx")
+    assert_same_except(y_n, y, row, "y")
+    assert_same_except(dx_n, dx, row, "dx")
     assert dw_n.isnan().all(), "dweight sums over rows: the NaN row reaches all of it"
 
 
@@ -76,8 +76,8 @@ def test_add_rms_norm_nan_stays_in_its_row(backend):
     y_n, h_n = lk.add_rms_norm(x, res_nan, w, backend=backend)
     row = torch.zeros(rows, dim, dtype=torch.bool, device=DEVICE)
     row[bad] = True
-    _same_except(y_n, y, row, "y")
-    _same_except(h_n, h, res_nan.isnan(), "h")
+    assert_same_except(y_n, y, row, "y")
+    assert_same_except(h_n, h, res_nan.isnan(), "h")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,9 +104,9 @@ def test_swiglu_nan_stays_in_its_element(backend):
     gate_n[3, 10] = float("nan")
     out_n, (dg_n, du_n) = _grad(fn, [gate_n, up], dout)
     poisoned = gate_n.isnan()
-    _same_except(out_n, out, poisoned, "out")
-    _same_except(dg_n, dg, poisoned, "dgate")
-    _same_except(du_n, du, poisoned, "dup")
+    assert_same_except(out_n, out, poisoned, "out")
+    assert_same_except(dg_n, dg, poisoned, "dgate")
+    assert_same_except(du_n, du, poisoned, "dup")
 
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
@@ -125,7 +125,7 @@ def test_rotary_nan_stays_in_its_pair(backend, interleaved):
     poisoned = torch.zeros_like(x, dtype=torch.bool)
     partner = 4 if interleaved else 5 + d // 2  # pairs (4, 5) / (5, 13)
     poisoned[1, 4, 2, [5, partner]] = True
-    _same_except(y_n, y, poisoned, "out")
+    assert_same_except(y_n, y, poisoned, "out")
     assert torch.equal(dx_n, dx), "dx does not depend on x (a rotation is linear)"
 
 
@@ -160,7 +160,7 @@ def test_attention_nan_key_poisons_only_queries_that_see_it(backend, causal, sq,
     out, ref, sees, first = _attention_nan(backend, "k", causal, sq, sk)
     if causal:
         assert first > 0, "the test needs queries that do not see the key"
-    _same_except(out, ref, sees, "out")
+    assert_same_except(out, ref, sees, "out")
 
 
 @pytest.mark.parametrize("sq,sk", [(70, 70), (5, 40)], ids=str)

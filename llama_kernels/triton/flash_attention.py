@@ -140,6 +140,36 @@ def _attn_fwd_inner(
 
 
 @triton.jit
+def _query_block(seqlen_q, n_heads_q, group_size, BLOCK_M: tl.constexpr):
+    """This program's (query block start, b * Hq + h, b, h, kv head) on the one-axis grid
+    (cdiv(Sq, BLOCK_M) * B * Hq,): query block fastest and launched last-first, so the causal
+    blocks with the most keys start first and shorten the tail."""
+    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid_m = n_blocks_m - 1 - tl.program_id(0) % n_blocks_m
+    pid_bh = tl.program_id(0) // n_blocks_m
+    h = pid_bh % n_heads_q
+    return pid_m * BLOCK_M, pid_bh, pid_bh // n_heads_q, h, h // group_size
+
+
+@triton.jit
+def _key_bounds(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """(full_end, hi): key blocks [0, full_end) are visible to every row of the query block
+    starting at start_m and need no mask; [full_end, hi) straddle the causal diagonal or the
+    ragged end of Sk; keys past hi are never loaded (bottom-right mask, diag = Sk - Sq)."""
+    diag = seqlen_k - seqlen_q
+    if CAUSAL:
+        # rows of this tile see keys < start_m + BLOCK_M + diag at most; a key block is fully
+        # visible to all of them when it ends at or before start_m + diag + 1
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
+        full_end = tl.minimum(start_m + diag + 1, seqlen_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen_k
+        full_end = seqlen_k // BLOCK_N * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     seqlen_q, seqlen_k, n_heads_q, group_size, qk_scale,
@@ -164,13 +194,7 @@ def _attn_fwd_kernel(
     # ragged-end blocks are masked.
     # Preconditions: unit stride along head_dim for q, k, v, out; lse contiguous (B, Hq, Sq);
     # causal => Sq <= Sk; BLOCK_D = next_pow2(HEAD_DIM) >= 16; Sk >= 1.
-    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid_m = n_blocks_m - 1 - tl.program_id(0) % n_blocks_m
-    pid_bh = tl.program_id(0) // n_blocks_m
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    kv_h = h // group_size
-    start_m = pid_m * BLOCK_M
+    start_m, pid_bh, b, h, kv_h = _query_block(seqlen_q, n_heads_q, group_size, BLOCK_M)
     q_base = (q_ptr + b.to(tl.int64) * stride_q_batch + h.to(tl.int64) * stride_q_head
               + tl.cast(start_m, tl.int64) * stride_q_seq)
     k_base = k_ptr + b.to(tl.int64) * stride_k_batch + kv_h.to(tl.int64) * stride_k_head
@@ -187,14 +211,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        # rows of this tile see keys < start_m + BLOCK_M + diag at most; a key block is fully
-        # visible to all of them when it ends at or before start_m + diag + 1
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-        full_end = tl.minimum(start_m + diag + 1, seqlen_k) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen_k
-        full_end = seqlen_k // BLOCK_N * BLOCK_N
+    full_end, hi = _key_bounds(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, offs_m, 0, full_end, seqlen_k, diag, qk_scale,
         stride_k_seq, stride_v_seq, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT,
@@ -544,13 +561,7 @@ def _attn_bwd_dq_kernel(
     # the key blocks it can see (the forward's loop bounds): no atomics, deterministic.
     # Grid (cdiv(Sq, BLOCK_M) * B * Hq,), query blocks last-first as in the forward.
     # Preconditions: those of _attn_bwd_dkdv_kernel.
-    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid_m = n_blocks_m - 1 - tl.program_id(0) % n_blocks_m
-    pid_bh = tl.program_id(0) // n_blocks_m
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    kv_h = h // group_size
-    start_m = pid_m * BLOCK_M
+    start_m, pid_bh, b, h, kv_h = _query_block(seqlen_q, n_heads_q, group_size, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seqlen_q
@@ -573,12 +584,7 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-        full_end = tl.minimum(start_m + diag + 1, seqlen_k) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen_k
-        full_end = seqlen_k // BLOCK_N * BLOCK_N
+    full_end, hi = _key_bounds(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, offs_m, 0, full_end, seqlen_k, diag, qk_scale,
         stride_k_seq, stride_v_seq, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT,
