@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from llama_kernels import available_backends
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -77,3 +80,12 @@ class Guarded:
         outside = torch.ones(self.buf.shape, dtype=torch.bool, device=DEVICE)
         outside[self.index] = False
         assert self.buf[outside].isnan().all(), f"{name}: a store landed outside the output"
+
+
+def run_compiler_script(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -c code args`` in a process without TRITON_INTERPRET (Triton reads it at import,
+    and ahead-of-time compiles need the real compiler), with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)

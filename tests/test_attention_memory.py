@@ -3,18 +3,14 @@ instructions: HGMMA in the SASS of the Triton forward compiled ahead of time."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama_kernels as lk
-from helpers import DEVICE, GPU, backend_params
+from helpers import DEVICE, GPU, backend_params, run_compiler_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -128,10 +124,7 @@ def test_sm90_forward_uses_hgmma():
     why = _aot.tools_missing()
     if why:
         pytest.skip(f"cannot compile ahead of time: {why}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=600)
+    proc = run_compiler_script(_SASS_SCRIPT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hgmma, sass_chars = map(int, proc.stdout.split()[-2:])
     assert sass_chars > 1000, "empty SASS"

@@ -11,15 +11,13 @@ printed (run pytest with -s to see them) and recorded as user properties of the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
 
 from llama_kernels.triton import _aot  # noqa: E402
+from helpers import run_compiler_script  # noqa: E402
 
 ARCHS = (80, 90)
 # Shared memory a program may use: 163 KB on sm_80 (A100), 227 KB on sm_90 (H100).
@@ -32,12 +30,10 @@ def aot_results(tmp_path_factory):
     if why:
         pytest.skip(f"cannot compile ahead of time: {why}")
     out = tmp_path_factory.mktemp("aot") / "aot.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import sys; from llama_kernels.triton._aot import main; "
             "sys.exit(main(sys.argv[1:]))")
-    args = ["--arch", *map(str, ARCHS), "--json", str(out)]
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_compiler_script(code, "--arch", *map(str, ARCHS), "--json", str(out),
+                               timeout=600)
     assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout}\n{proc.stderr}"
     print("\n" + proc.stdout)
     return json.loads(out.read_text())

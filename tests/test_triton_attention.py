@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -43,10 +41,10 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != 
 import llama_kernels as lk  # noqa: E402
 from llama_kernels import reference  # noqa: E402
 from llama_kernels.triton import flash_attention as fa  # noqa: E402
-from helpers import DEVICE, DTYPES, GPU, Guarded, assert_close  # noqa: E402
+from helpers import (DEVICE, DTYPES, GPU, Guarded, assert_close,  # noqa: E402
+                     run_compiler_script)
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -474,10 +472,7 @@ def aot_results():
     why = _aot.tools_missing()
     if why:
         pytest.skip(f"cannot compile ahead of time: {why}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=900)
+    proc = run_compiler_script(_AOT_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
