@@ -89,3 +89,49 @@ def run_compiler_script(code: str, *args: str, timeout: int = 900) -> subprocess
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=timeout)
+
+
+def _leaves(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_(True) if t.is_floating_point()
+            else t for t in tensors]
+
+
+def _run(fn, tensors, grad_outs=None, grad_inputs=()):
+    outs = fn(*tensors)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if grad_outs is None:
+        return outs, None
+    wanted = [tensors[i] for i in grad_inputs]
+    grads = torch.autograd.grad(outs, wanted, [g.to(o.dtype) for g, o in zip(grad_outs, outs)])
+    return outs, grads
+
+
+def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=None):
+    """``kernel_fn(*inputs)`` against ``ref_fn(*inputs, upcast=True)`` in fp32, forward and
+    backward with the same random output gradients, tolerance from eager in the dtype
+    (``upcast=False``), or from the rounded fp32 answer where eager overflows.
+    ``grad_baseline(grad_outs)``: other gradients a correct kernel may be as far from as eager
+    is (the larger of the two errors sets the bound)."""
+    grad_inputs = list(range(len(inputs))) if grad_inputs is None else grad_inputs
+    snapshot = [t.clone() for t in inputs]
+    r_out, _ = _run(lambda *a: ref_fn(*a, upcast=True), _leaves(inputs, torch.float32))
+    grad_outs = [torch.randn_like(o) for o in r_out]
+    k_out, k_grads = _run(kernel_fn, _leaves(inputs), grad_outs, grad_inputs)
+    for before, after in zip(snapshot, inputs):
+        assert torch.equal(before.nan_to_num(), after.nan_to_num()), "an op wrote into its input"
+    r_out, r_grads = _run(lambda *a: ref_fn(*a, upcast=True), _leaves(inputs, torch.float32),
+                          grad_outs, grad_inputs)
+    e_out, e_grads = _run(lambda *a: ref_fn(*a, upcast=False), _leaves(inputs), grad_outs,
+                          grad_inputs)
+    if not all(torch.isfinite(t).all() for t in e_out + e_grads):
+        e_out, e_grads = _run(lambda *a: ref_fn(*a, upcast=True), _leaves(inputs), grad_outs,
+                              grad_inputs)
+    for i, (k, r, e) in enumerate(zip(k_out, r_out, e_out)):
+        assert_close(k, r, e, name=f"output {i}")
+    if grad_baseline is not None:
+        worse = []
+        for r, e, alt in zip(r_grads, e_grads, grad_baseline(grad_outs)):
+            worse.append(alt.to(e.dtype) if max_err(alt, r) > max_err(e, r) else e)
+        e_grads = worse
+    for i, (k, r, e) in enumerate(zip(k_grads, r_grads, e_grads)):
+        assert_close(k, r, e, name=f"grad of input {grad_inputs[i]}")

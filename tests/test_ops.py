@@ -12,46 +12,9 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels import reference
-from helpers import DEVICE, DTYPES, GPU, assert_close, backend_params
+from helpers import DEVICE, DTYPES, GPU, backend_params, check_fwd_bwd
 
 BACKENDS = backend_params()
-
-
-def _leaves(tensors, dtype=None):
-    return [t.detach().to(dtype or t.dtype).requires_grad_(t.is_floating_point())
-            for t in tensors]
-
-
-def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, names=None):
-    """Run ``kernel_fn(*inputs)`` and the reference (fp32 and eager-in-dtype) with the same
-    random output gradients; compare outputs and the gradients of ``grad_inputs`` (indices)."""
-    grad_inputs = list(range(len(inputs))) if grad_inputs is None else grad_inputs
-    snapshot = [t.clone() for t in inputs]
-
-    def run(fn, tensors):
-        outs = fn(*tensors)
-        return outs if isinstance(outs, tuple) else (outs,)
-
-    k_in = _leaves(inputs)
-    r_in = [t.detach().float().requires_grad_() if t.is_floating_point() else t
-            for t in inputs]
-    e_in = _leaves(inputs)
-    k_out = run(kernel_fn, k_in)
-    r_out = run(lambda *a: ref_fn(*a, upcast=True), r_in)
-    e_out = run(lambda *a: ref_fn(*a, upcast=False), e_in)
-    for before, after in zip(snapshot, inputs):
-        assert torch.equal(before, after), "an op wrote into its input"
-    grads_out = [torch.randn_like(o) for o in e_out]
-    for i, (k, r, e) in enumerate(zip(k_out, r_out, e_out)):
-        assert_close(k, r, e, name=f"output {i}")
-
-    def grads(outs, tensors):
-        wanted = [tensors[i] for i in grad_inputs]
-        return torch.autograd.grad(outs, wanted, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
-
-    for i, (k, r, e) in enumerate(zip(grads(k_out, k_in), grads(r_out, r_in),
-                                      grads(e_out, e_in))):
-        assert_close(k, r, e, name=f"grad of input {grad_inputs[i]}")
 
 
 # ------------------------------------------------------------------------------ RMSNorm
