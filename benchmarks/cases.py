@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import llama_kernels as lk
 from benchmarks import counts
+from benchmarks.sweep import tolerance
 from llama_kernels import reference
 
 # The paper's configurations: model dim, FFN hidden (2/3 * 4 * dim rounded up to 256), heads.
@@ -150,7 +151,7 @@ def check_output(case: Case, impl: Callable, inputs: list[torch.Tensor]) -> str 
             return f"output {i}: non-finite values"
         err = (g.float() - r).abs().max().item()
         eager_err = (e.float() - r).abs().max().item()
-        tol = 2 * eager_err + torch.finfo(g.dtype).eps * max(1.0, r.abs().max().item())
+        tol = tolerance(eager_err, g.dtype, r.abs().max().item())
         if err > tol:
             return f"output {i}: max error {err:.3g} > tolerance {tol:.3g}"
     return None

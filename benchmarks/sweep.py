@@ -53,7 +53,9 @@ def _err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def _tol(eager_err, dtype, scale):
+def tolerance(eager_err: float, dtype: torch.dtype, scale: float) -> float:
+    """The project's rule: twice eager-in-dtype's error against fp32, plus a floor of a few
+    units of rounding (1e-5 in fp32, one epsilon otherwise) times the reference's scale."""
     rel = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
     return 2 * eager_err + rel * max(1.0, scale)
 
@@ -81,7 +83,7 @@ def check(op_fn, ref_fn, inputs, backend):
                           as_tuple(e_out) + _grads(e_out, e, cot)):
         if not torch.isfinite(kk).all():
             return float("inf"), "non-finite output"
-        worst = max(worst, _err(kk, rr) / _tol(_err(ee, rr), kk.dtype, rr.abs().max().item()))
+        worst = max(worst, _err(kk, rr) / tolerance(_err(ee, rr), kk.dtype, rr.abs().max().item()))
     return worst, None
 
 
