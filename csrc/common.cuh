@@ -59,6 +59,9 @@ namespace llama_kernels {
 
 // ------------------------------------------------------------------------------ device helpers
 
+constexpr int kWarp = 32;
+constexpr int kMaxThreadsPerSm = 2048;  // resident threads per SM on sm_80 and sm_90
+
 __host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -166,19 +169,6 @@ __device__ __forceinline__ float warp_reduce_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
-}
-
-// Sum over the block; every thread gets the result. Assumes blockDim.x % 32 == 0 and
-// blockDim.x <= 1024; `scratch` holds 32 floats of shared memory. Two barriers, so it may be
-// called repeatedly with the same scratch.
-__device__ __forceinline__ float block_reduce_sum(float v, float* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  v = warp_reduce_sum(v);
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < n_warps ? scratch[lane] : 0.f;
-  return warp_reduce_sum(v);
 }
 
 // Sum over the threads of one row of a (threads_per_row, rows_per_block) block: warp shuffle,

@@ -23,7 +23,6 @@ namespace {
 // Kernels declare __launch_bounds__(max threads, 1): without the ", 1" ptxas spilled a register
 // or two (STACK:8) to reach a higher occupancy tier, seen on sm_80 and sm_90 with nvcc 13.0;
 // tests/test_cuda_build.py asserts STACK:0 for every kernel.
-constexpr int kWarp = 32;
 // A block holds at least this many threads: several rows of narrow widths share one block so
 // that an SM (at most 32 resident blocks) can still be filled with 2048 threads.
 constexpr int kMinBlockThreads = 128;
@@ -48,7 +47,6 @@ constexpr int kBwdMaxThreadsPerRow = 256;
 // per block), so it needs more resident blocks to keep loads in flight (4 at width 4096: 512
 // threads per SM). The extra partial traffic is 2 x 64 KB per SM, a few % at LLaMA sizes.
 constexpr int64_t kPartialFloatsPerSm = 16384;
-constexpr int kMaxThreadsPerSm = 2048;  // sm_80 and sm_90
 constexpr int kReduceRows = 8;           // dw reduction block: 32 columns x 8 partial lanes
 
 // How a row kernel is launched. items == 0 selects the wide-row path (x read twice).

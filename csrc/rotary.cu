@@ -18,7 +18,6 @@ namespace {
 // Kernels declare __launch_bounds__(max threads, 1): without the ", 1" ptxas spilled a register
 // or two (STACK:8) to reach a higher occupancy tier, seen on sm_80 and sm_90 with nvcc 13.0;
 // tests/test_cuda_build.py asserts STACK:0 for every kernel.
-constexpr int kWarp = 32;
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxHalf = kMaxHeadDim / 2;
 // At least 128 threads per block (several tokens per block when a token has little work) so an

@@ -20,7 +20,6 @@ namespace {
 // or two (STACK:8) to reach a higher occupancy tier, seen on sm_80 and sm_90 with nvcc 13.0;
 // tests/test_cuda_build.py asserts STACK:0 for every kernel.
 constexpr int kThreads = 256;
-constexpr int kMaxThreadsPerSm = 2048;  // sm_80 and sm_90
 
 struct ElementwiseLaunch {
   int vec;         // elements per access: 16 B worth, or 1 on the scalar path
