@@ -135,3 +135,10 @@ def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=
         e_grads = worse
     for i, (k, r, e) in enumerate(zip(k_grads, r_grads, e_grads)):
         assert_close(k, r, e, name=f"grad of input {grad_inputs[i]}")
+
+
+def poisoned(shape, dtype, scale=1.0):
+    """Random values in a view padded with NaN on every side: a read past a mask shows."""
+    g = Guarded(shape, dtype)
+    g.view.copy_(torch.randn(shape, device=DEVICE) * scale)
+    return g.view

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import llama_kernels as lk
 from llama_kernels import reference
 from fuzz_profiles import FUZZ
-from helpers import DEVICE, GPU, INTERPRET, Guarded, backend_params
+from helpers import DEVICE, GPU, INTERPRET, Guarded, backend_params, poisoned
 
 BACKENDS = backend_params()
 TRITON_RUNS = GPU or INTERPRET
@@ -418,13 +418,6 @@ def test_odd_layouts_match_contiguous(backend, name, dout):
 
 
 # ------------------------------------------------------------------------------ guard regions
-
-
-def poisoned(shape, dtype, scale=1.0):
-    """Random values in a view padded with NaN on every side: a read past a mask shows."""
-    g = Guarded(shape, dtype)
-    g.view.copy_(torch.randn(shape, device=DEVICE) * scale)
-    return g.view
 
 
 def test_guarded_catches_stray_store():

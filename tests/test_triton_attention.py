@@ -42,22 +42,12 @@ import llama_kernels as lk  # noqa: E402
 from llama_kernels import reference  # noqa: E402
 from llama_kernels.triton import flash_attention as fa  # noqa: E402
 from helpers import (DEVICE, DTYPES, GPU, Guarded, assert_close,  # noqa: E402
-                     run_compiler_script)
+                     poisoned, run_compiler_script)
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def poisoned(shape, dtype) -> torch.Tensor:
-    """Random (B, S, H, D) view inside a NaN buffer padded along S, H and D: a load that misses
-    its mask (a row past S, a column past D) pulls NaN into the result."""
-    b, s, h, d = shape
-    buf = torch.full((b, s + 2, h + 2, d + 8), float("nan"), dtype=dtype, device=DEVICE)
-    view = buf[:, 1:1 + s, 1:1 + h, 3:3 + d]
-    view.copy_(torch.randn(shape, device=DEVICE))
-    return view
 
 
 def qkv_inputs(b, sq, sk, hq, hkv, d, dtype, *, poison=True):
