@@ -259,7 +259,8 @@ class Transformer(nn.Module):
                 device: torch.device | str | None = None, **overrides) -> Transformer:
         """From a transformers ``LlamaForCausalLM`` / ``LlamaModel`` instance or a saved HF
         directory (read with safetensors, without building the HF model). HF's wq/wk row
-        permutation is undone, so outputs match the HF model's."""
+        permutation is undone, so outputs match the HF model's; generate() stops at the
+        config's ``eos_token_id`` as HF's does."""
         if isinstance(hf_model_or_dir, (str, os.PathLike)):
             config, hf_state = ckpt.load_hf_dir(hf_model_or_dir)
         else:
@@ -271,7 +272,12 @@ class Transformer(nn.Module):
         args = ModelArgs.from_params(params, **overrides)
         # Detach from the HF model: our parameters must not alias its parameters.
         state = {k: v.detach().clone() for k, v in state.items()}
-        return cls.from_state_dict(args, state, dtype=dtype, device=device)
+        model = cls.from_state_dict(args, state, dtype=dtype, device=device)
+        eos = config.get("eos_token_id")
+        if isinstance(eos, (list, tuple)):  # several stop tokens: generate() takes the first
+            eos = eos[0] if eos else None
+        model.eos_id = eos
+        return model
 
 
 def sample(logits: Tensor, temperature: float, top_p: float,

@@ -134,9 +134,18 @@ def test_from_hf_matches_the_hf_model(unpatched_rotary, tied, tmp_path):
     assert hf.lm_head.weight.abs().sum() > 0
     hf.save_pretrained(tmp_path)  # safetensors, read back without building a HF model
     close(Transformer.from_hf(tmp_path)(ids), ref)
-    # Greedy decoding agrees with HF's on the same weights.
+    # Greedy decoding agrees with HF's on the same weights, stopping at the same eos (HF keeps
+    # the eos in its output, ours leaves it out).
     ref_tokens = hf.generate(ids[:1], max_new_tokens=6, do_sample=False)[0, 21:].tolist()
-    assert Transformer.from_hf(hf).generate(ids[0].tolist(), 6) == ref_tokens
+    ours = Transformer.from_hf(hf)
+    assert ours.eos_id == hf.generation_config.eos_token_id
+    if ref_tokens[-1] == ours.eos_id:
+        ref_tokens = ref_tokens[:-1]
+    assert ours.generate(ids[0].tolist(), 6) == ref_tokens
+    # With the eos never seen, both run the full six tokens.
+    ref_full = hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)[0, 21:].tolist()
+    assert ours.generate(ids[0].tolist(), 6, eos_id=-1) == ref_full
 
 
 def test_from_hf_rejects_unsupported_variants():
