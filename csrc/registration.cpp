@@ -27,4 +27,8 @@ TORCH_LIBRARY(llama_kernels, m) {
   m.def("swiglu_bwd_cuda(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rotary_cuda(Tensor x, Tensor cos, Tensor sin, Tensor? positions, bool interleaved,"
         " bool conjugate) -> Tensor");
+  m.def("flash_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale)"
+        " -> (Tensor, Tensor)");
+  m.def("flash_attention_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,"
+        " Tensor lse, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
 }

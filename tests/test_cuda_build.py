@@ -6,7 +6,10 @@
   one on PATH) use no local memory: no register spills, no stack, on each of sm_80 and sm_90
   that the build holds;
 - the SASS of the vectorized forward kernels (RMSNorm, SwiGLU, rotary) holds 128-bit global
-  loads.
+  loads;
+- the flash-attention kernels run their products on tensor cores (HMMA.16816 with fp32
+  accumulators), read their operands with ldmatrix (LDSM) and stage tiles with cp.async
+  (LDGSTS), on both architectures.
 Correctness against the reference is tests/test_ops.py's job (it runs every backend on a GPU).
 The launch-settings heuristics are proven at build time by static_asserts in each .cu file.
 """
@@ -34,7 +37,10 @@ pytestmark = pytest.mark.skipif(
 ARCHS = ("sm_80", "sm_90")
 # Kernel families of the row/elementwise ops; each must be in the build for every arch.
 FAMILIES = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "rms_norm_dw_kernel",
-            "swiglu_fwd_kernel", "swiglu_bwd_kernel", "rotary_kernel")
+            "swiglu_fwd_kernel", "swiglu_bwd_kernel", "rotary_kernel", "flash_fwd_kernel",
+            "flash_bwd_delta_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel")
+# Attention kernels with tensor-core products: each of its 2 dtypes x 2 head dims.
+TENSOR_CORE = ("flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel")
 # Families whose 16-byte-vector specializations must load with 128-bit instructions.
 VECTORIZED = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "swiglu_fwd_kernel",
               "swiglu_bwd_kernel", "rotary_kernel")
@@ -113,7 +119,8 @@ def _cuda_schemas() -> list[str]:
 def test_every_cuda_schema_has_a_cuda_kernel():
     names = _cuda_schemas()
     for expected in ("rms_norm_fwd_cuda", "add_rms_norm_fwd_cuda", "rms_norm_bwd_cuda",
-                     "swiglu_fwd_cuda", "swiglu_bwd_cuda", "rotary_cuda"):
+                     "swiglu_fwd_cuda", "swiglu_bwd_cuda", "rotary_cuda",
+                     "flash_attention_fwd_cuda", "flash_attention_bwd_cuda"):
         assert f"llama_kernels::{expected}" in names
     missing = [name for name in names
                if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")]
@@ -124,15 +131,19 @@ def _cpu_calls():
     x = torch.randn(2, 3, 4, 8)
     w = torch.ones(8)
     cos, sin = llama_kernels.rotary_tables(3, 8)
+    q = torch.randn(2, 3, 4, 64, dtype=torch.float16)
     return {
         "rms_norm": lambda: llama_kernels.rms_norm(x, w, backend="cuda"),
         "add_rms_norm": lambda: llama_kernels.add_rms_norm(x, x, w, backend="cuda"),
         "swiglu": lambda: llama_kernels.swiglu(x, x, backend="cuda"),
         "apply_rotary": lambda: llama_kernels.apply_rotary(x, cos, sin, backend="cuda"),
+        "flash_attention": lambda: llama_kernels.flash_attention(
+            q, q, q, backend="cuda"),
     }
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "swiglu", "apply_rotary"])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "swiglu", "apply_rotary",
+                                "flash_attention"])
 def test_cuda_backend_refuses_cpu_tensors(op):
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         _cpu_calls()[op]()
@@ -175,6 +186,21 @@ def test_vector_paths_use_128_bit_loads(sass, arch):
     assert seen == set(VECTORIZED), f"vector specializations missing: {set(VECTORIZED) - seen}"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_uses_tensor_cores(sass, arch):
+    functions = _ours(_require_arch(sass, arch))
+    for family in TENSOR_CORE:
+        bodies = {name: body for name, body in functions.items() if family in name}
+        # (__half, __nv_bfloat16) x (head_dim 64, 128)
+        assert len(bodies) == 4, f"{family} on {arch}: {sorted(bodies)}"
+        for name, body in bodies.items():
+            dtype = "BF16" if "nv_bfloat16" in name else "F16"
+            assert re.search(rf"\bHMMA\.16816\.F32(\.{dtype})?\b", body), \
+                f"{name} on {arch}: no HMMA.16816 with fp32 accumulators"
+            assert "LDSM" in body, f"{name} on {arch}: no ldmatrix (LDSM)"
+            assert "LDGSTS" in body, f"{name} on {arch}: no cp.async (LDGSTS)"
+
+
 _CUDA_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
 
@@ -190,6 +216,11 @@ _CUDA_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     ("rotary_cuda",
      lambda: (torch.randn(1, 2, 3, 8), torch.ones(2, 4), torch.ones(2, 4), None, False, False),
      "x"),
+    ("flash_attention_fwd_cuda",
+     lambda: (torch.randn(1, 3, 2, 64), torch.randn(1, 3, 2, 64), torch.randn(1, 3, 2, 64), True,
+              0.125), "q"),
+    ("flash_attention_bwd_cuda",
+     lambda: (*[torch.randn(1, 3, 2, 64)] * 5, torch.randn(1, 2, 3), True, 0.125), "q"),
 ])
 def test_cuda_kernel_checks_its_inputs_first(name, args, first):
     # Reaching the CUDA kernel itself with CPU tensors (redispatch skips the CPU dispatch key)

@@ -115,12 +115,14 @@ def requested_backend(backend: str | None) -> str:
 
 
 def resolve(backend: str | None, *, op: str, device: torch.device, cuda_kernel: str | None,
-            triton_module: str | None, unsupported: dict[str, str] | None = None) -> str:
+            triton_module: str | None, unsupported: dict[str, str] | None = None,
+            auto_order: tuple[str, ...] = ("cuda", "triton")) -> str:
     """The backend that will run ``op`` on tensors of ``device``, or an error saying why not.
 
     ``unsupported`` maps a kernel backend to the reason it cannot take these particular inputs
     (a head_dim it was not built for, say): auto passes over it, asking for it explicitly
-    raises a ValueError quoting the reason.
+    raises a ValueError quoting the reason. ``auto_order``: the kernel backends auto tries on a
+    GPU, first choice first (then "torch").
     """
     name = requested_backend(backend)
     unsupported = unsupported or {}
@@ -128,10 +130,10 @@ def resolve(backend: str | None, *, op: str, device: torch.device, cuda_kernel: 
     has_cuda = cuda_kernel is not None and cuda_kernel in CUDA_AVAILABLE_KERNELS
     has_triton = triton_module is not None and triton_module in TRITON_AVAILABLE_MODULES
     if name == "auto":
-        if on_gpu and has_cuda and "cuda" not in unsupported:
-            return "cuda"
-        if on_gpu and has_triton and "triton" not in unsupported:
-            return "triton"
+        runnable = {"cuda": has_cuda, "triton": has_triton}
+        for candidate in auto_order:
+            if on_gpu and runnable[candidate] and candidate not in unsupported:
+                return candidate
         return "torch"
     if name == "cuda":
         if _EXTENSION is None:

@@ -20,6 +20,10 @@ from llama_kernels.ops import _backend, _checks
 
 CUDA_HEAD_DIMS = (64, 128)
 TRITON_MAX_HEAD_DIM = 256
+# What `auto` runs on a GPU, first choice first. Triton leads: the CUDA kernels
+# (csrc/flash_attention*.cu) are proven here against the host emulator of their tensor-core
+# primitives but not yet timed on a GPU; they lead once a GPU run shows them correct and faster.
+AUTO_ORDER = ("triton", "cuda")
 
 
 @torch.library.custom_op("llama_kernels::flash_attention_fwd", mutates_args=())
@@ -122,5 +126,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     name = _backend.resolve(backend, op="flash_attention", device=q.device,
                             cuda_kernel="flash_attention_fwd_cuda",
-                            triton_module="flash_attention", unsupported=_unsupported(q))
+                            triton_module="flash_attention", unsupported=_unsupported(q),
+                            auto_order=AUTO_ORDER)
     return flash_attention_fwd(q, k, v, bool(causal), scale, name)[0]

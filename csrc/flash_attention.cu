@@ -1,0 +1,175 @@
+// Host side of the CUDA flash attention (kernels in flash_attention_kernels.cuh): input checks,
+// outputs, launches on the current stream.
+//
+//   flash_attention_fwd_cuda(q, k, v, causal, softmax_scale) -> (out, lse)
+//   flash_attention_bwd_cuda(dout, q, k, v, out, lse, causal, softmax_scale) -> (dq, dk, dv)
+// q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), fp16 or bf16, D in {64, 128}, Hq % Hkv == 0; any
+// strides with unit stride along D (views of a fused qkv projection work without a copy);
+// a tensor whose rows are not 16-byte aligned is copied to a contiguous one first. Outputs are
+// contiguous; lse is fp32 (B, Hq, Sq).
+#include "common.cuh"
+#include "flash_attention_kernels.cuh"
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace llama_kernels {
+namespace {
+
+using attention::AttnParams;
+using attention::Strides;
+
+constexpr int kMaxGridYZ = 65535;
+
+// The macros of common.cuh paste literal names; these take the name at run time.
+void check_like(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == q.device(), name, ": expected device ", q.device(),
+              " (that of q), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+              " (that of q), got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, name, ": expected 4 dimensions, got ", t.sizes());
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
+  LK_CHECK_CUDA(q, "q");
+  LK_CHECK_DIM(q, 4, "q");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q: expected dtype float16 or bfloat16, got ", q.scalar_type());
+  const int64_t d = q.size(3);
+  TORCH_CHECK(d == 64 || d == 128, "q: head_dim must be 64 or 128 for the cuda backend, got ", d);
+  check_like(k, q, "k");
+  check_like(v, q, "v");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == d, "k: expected shape (", q.size(0),
+              ", seqlen_k, heads_kv, ", d, ") to match q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected shape ", k.sizes(), " (that of k), got ",
+              v.sizes());
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "k: the number of kv heads (",
+              k.size(2), ") must divide the number of query heads (", q.size(2), ")");
+  TORCH_CHECK(!causal || q.size(1) <= k.size(1), "q: causal attention needs seqlen_q <= "
+              "seqlen_k, got ", q.size(1), " and ", k.size(1));
+  TORCH_CHECK(q.size(0) <= kMaxGridYZ && q.size(2) <= kMaxGridYZ, "q: batch and heads must be "
+              "at most ", kMaxGridYZ, ", got ", q.sizes());
+  TORCH_CHECK(q.size(1) < (int64_t(1) << 30) && k.size(1) < (int64_t(1) << 30),
+              "q, k: sequence lengths must be below 2**30");
+}
+
+// The kernels read rows with 16-byte cp.async: unit stride along D and 16-byte aligned rows.
+at::Tensor rows_16b(const at::Tensor& t) {
+  const bool ok = t.stride(3) == 1 && is_aligned(t.data_ptr(), 16) &&
+                  (t.stride(0) % 8 == 0 || t.size(0) == 1) &&
+                  (t.stride(1) % 8 == 0 || t.size(1) == 1) &&
+                  (t.stride(2) % 8 == 0 || t.size(2) == 1);
+  // clone, not contiguous(): a contiguous tensor at a misaligned offset must move too.
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       bool causal, double softmax_scale) {
+  AttnParams p{};
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.q_s = strides_of(q), p.k_s = strides_of(k), p.v_s = strides_of(v);
+  p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads_q = q.size(2);
+  p.seqlen_k = k.size(1), p.heads_kv = k.size(2);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  p.causal = causal;
+  return p;
+}
+
+template <typename F>
+void dispatch_half(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kHalf) return f(__half{});
+  return f(__nv_bfloat16{});
+}
+
+// The launch every kernel of flash_attention_kernels.cuh goes through: opt in to more than
+// 48 KiB of dynamic shared memory where the tile needs it, launch, check.
+auto launcher(cudaStream_t stream) {
+  return [stream](auto kernel, dim3 grid, dim3 block, size_t smem, const AttnParams& p) {
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<grid, block, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_in,
+                                                            const at::Tensor& k_in,
+                                                            const at::Tensor& v_in, bool causal,
+                                                            double softmax_scale) {
+  check_qkv(q_in, k_in, v_in, causal);
+  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale: expected a finite value, got ",
+              softmax_scale);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_16b(q_in), k = rows_16b(k_in), v = rows_16b(v_in);
+  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  AttnParams p = make_params(q, k, v, causal, softmax_scale);
+  p.o = out.data_ptr(), p.o_s = strides_of(out), p.lse = lse.data_ptr<float>();
+  dispatch_half(q.scalar_type(), [&](auto t) {
+    attention::run_forward<decltype(t)>(p, q.size(3),
+                                        launcher(c10::cuda::getCurrentCUDAStream()));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, bool causal,
+    double softmax_scale) {
+  check_qkv(q_in, k_in, v_in, causal);
+  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale: expected a finite value, got ",
+              softmax_scale);
+  for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
+    check_like(*t, q_in, name);
+    TORCH_CHECK(t->sizes() == q_in.sizes(), name, ": expected shape ", q_in.sizes(),
+                " (that of q), got ", t->sizes());
+  }
+  LK_CHECK_CUDA(lse, "lse");
+  LK_CHECK_SAME_DEVICE(lse, q_in, "lse", "q");
+  LK_CHECK_DTYPE(lse, at::kFloat, "lse");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q_in.size(0) && lse.size(1) == q_in.size(2) &&
+                  lse.size(2) == q_in.size(1),
+              "lse: expected shape (batch, heads_q, seqlen_q) = (", q_in.size(0), ", ",
+              q_in.size(2), ", ", q_in.size(1), "), got ", lse.sizes());
+  LK_CHECK_CONTIGUOUS(lse, "lse");
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_16b(q_in), k = rows_16b(k_in), v = rows_16b(v_in);
+  const at::Tensor dout = rows_16b(dout_in), out = rows_16b(out_in);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dk.numel() == 0) return {dq.zero_(), dk, dv};
+  if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  AttnParams p = make_params(q, k, v, causal, softmax_scale);
+  p.out = out.data_ptr(), p.dout = dout.data_ptr();
+  p.out_s = strides_of(out), p.dout_s = strides_of(dout);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dq_s = strides_of(dq), p.dk_s = strides_of(dk), p.dv_s = strides_of(dv);
+  p.lse = lse.data_ptr<float>(), p.delta = delta.data_ptr<float>();
+  dispatch_half(q.scalar_type(), [&](auto t) {
+    attention::run_backward<decltype(t)>(p, q.size(3),
+                                         launcher(c10::cuda::getCurrentCUDAStream()));
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace llama_kernels
+
+TORCH_LIBRARY_IMPL(llama_kernels, CUDA, m) {
+  m.impl("flash_attention_fwd_cuda", &llama_kernels::flash_attention_fwd_cuda);
+  m.impl("flash_attention_bwd_cuda", &llama_kernels::flash_attention_bwd_cuda);
+}

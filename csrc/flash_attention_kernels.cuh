@@ -1,0 +1,772 @@
+// Causal / full flash attention on tensor cores (FlashAttention-2 structure), forward and
+// backward, for head_dim 64 and 128, fp16 and bf16, sm_80 and later.
+//
+// Kernel source only: no torch, no launches of its own. flash_attention.cu launches these with
+// CUDA; tests/cuda_emulator runs the very same source on the host against an emulation of
+// tensor_core.cuh. Every launch decision (grid, block, shared memory) is made here, in
+// run_forward / run_backward, so both callers launch identically.
+//
+// Conventions (the contract of llama_kernels.flash_attention):
+//   q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any strides with unit stride along D and rows
+//   16-byte aligned; query head h reads kv head h / (Hq / Hkv). Causal masks are aligned
+//   bottom-right: query i sees key j iff j <= i + Sk - Sq. lse (B, Hq, Sq) fp32, natural log.
+#pragma once
+
+#ifndef LLAMA_KERNELS_EMULATOR
+#include "tensor_core.cuh"
+#endif
+
+#include <cstdint>
+#include <stdexcept>
+
+namespace llama_kernels {
+namespace attention {
+
+// Element strides of one (B, S, H, D) tensor; the D stride is 1.
+struct Strides {
+  int64_t batch, row, head;
+};
+
+struct AttnParams {
+  // Forward inputs / backward inputs.
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;   // backward: the forward's output
+  const void* dout;  // backward: its gradient
+  // Outputs (forward: o and lse; backward: dq, dk, dv, with delta as fp32 scratch).
+  void* o;
+  void* dq;
+  void* dk;
+  void* dv;
+  float* lse;    // (B, Hq, Sq) contiguous
+  float* delta;  // (B, Hq, Sq) contiguous: rowsum(dout * out)
+  Strides q_s, k_s, v_s, out_s, dout_s, o_s, dq_s, dk_s, dv_s;
+  int batch, heads_q, heads_kv, seqlen_q, seqlen_k;
+  float softmax_scale;
+  float scale_log2;  // softmax_scale * log2(e): softmax runs on exp2
+  bool causal;
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kWarpSize = 32;
+
+// ------------------------------------------------------------------------------ tile arithmetic
+// Host- and device-side, so tests can walk the same arithmetic the kernels use.
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Query i sees key j: inside the keys, and on or below the bottom-right-aligned diagonal.
+__host__ __device__ constexpr bool visible(int i, int j, int seqlen_q, int seqlen_k, bool causal) {
+  return j < seqlen_k && (!causal || j <= i + seqlen_k - seqlen_q);
+}
+
+// Key blocks [0, end) that query block m_block of rows [m_block * block_m, ...) must visit:
+// causal stops at the block holding the last visible key of the block's last (real) row.
+__host__ __device__ constexpr int key_block_end(int m_block, int block_m, int block_n,
+                                                int seqlen_q, int seqlen_k, bool causal) {
+  const int n_blocks = ceil_div(seqlen_k, block_n);
+  if (!causal) return n_blocks;
+  const int last_row = ((m_block + 1) * block_m < seqlen_q ? (m_block + 1) * block_m : seqlen_q) - 1;
+  const int last_key = last_row + seqlen_k - seqlen_q;
+  if (last_key < 0) return 0;
+  return last_key / block_n + 1 < n_blocks ? last_key / block_n + 1 : n_blocks;
+}
+
+// First query block that sees any key of key block n_block (the backward's dK/dV loop).
+__host__ __device__ constexpr int query_block_begin(int n_block, int block_m, int block_n,
+                                                    int seqlen_q, int seqlen_k, bool causal) {
+  if (!causal) return 0;
+  const int first_row = n_block * block_n - (seqlen_k - seqlen_q);
+  return first_row > 0 ? first_row / block_m : 0;
+}
+
+// Whether tile (m_block, n_block) holds any pair that is not visible: a ragged key end, or a
+// key past the diagonal of the tile's first row. Other tiles skip the per-element mask.
+__host__ __device__ constexpr bool tile_needs_mask(int m_block, int n_block, int block_m,
+                                                   int block_n, int seqlen_q, int seqlen_k,
+                                                   bool causal) {
+  const int last_key = (n_block + 1) * block_n - 1;
+  return last_key >= seqlen_k ||
+         (causal && last_key > m_block * block_m + seqlen_k - seqlen_q);
+}
+
+// Element offset of (row, col) in a [rows][D] 16-bit shared-memory tile. Rows are D * 2 bytes
+// (a multiple of 128), so without a swizzle the 8 rows one ldmatrix reads at one column all hit
+// the same 4 banks; XOR-ing the 16-byte chunk index with row % 8 spreads them over all 32.
+template <int D>
+__host__ __device__ constexpr int swizzle(int row, int col) {
+  return row * D + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+}
+
+// ------------------------------------------------------------------------------ device helpers
+
+struct alignas(16) Chunk16 {
+  uint32_t w[4];
+};
+
+// cp.async a [ROWS][D] tile from global (rows `row_stride` elements apart) into swizzled shared
+// memory; rows >= rows_valid are zero-filled, never read.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride,
+                                          int rows_valid) {
+  constexpr int kChunks = D / 8;
+  static_assert(ROWS * kChunks % THREADS == 0, "tile loads are split evenly over threads");
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / THREADS; ++it) {
+    const int i = it * THREADS + threadIdx.x;
+    const int r = i / kChunks, c = i % kChunks;
+    const bool ok = r < rows_valid;
+    tc::cp_async_16(smem + swizzle<D>(r, c * 8), gmem + (ok ? r : 0) * row_stride + c * 8, ok);
+  }
+}
+
+// Store a swizzled [ROWS][D] shared tile to global rows < rows_valid with 16-byte stores.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void store_tile(T* gmem, const T* smem, int64_t row_stride,
+                                           int rows_valid) {
+  constexpr int kChunks = D / 8;
+  static_assert(ROWS * kChunks % THREADS == 0, "tile stores are split evenly over threads");
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / THREADS; ++it) {
+    const int i = it * THREADS + threadIdx.x;
+    const int r = i / kChunks, c = i % kChunks;
+    if (r < rows_valid) {
+      *reinterpret_cast<Chunk16*>(gmem + r * row_stride + c * 8) =
+          *reinterpret_cast<const Chunk16*>(smem + swizzle<D>(r, c * 8));
+    }
+  }
+}
+
+// A operand (16 rows x 16 cols at (row0, col0)) of a row-major swizzled tile.
+template <int D, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0,
+                                       int lane) {
+  tc::ldmatrix_x4(a, tile + swizzle<D>(row0 + lane % 16, col0 + (lane / 16) * 8));
+}
+
+// B operands of two n8 tiles, k16 deep, where the tile stores B transposed ([n][k], e.g. K
+// rows for Q K^T): b0 for n rows n0..n0+7, b1 for n0+8..n0+15, k cols k0..k0+15.
+template <int D, typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile,
+                                          int n0, int k0, int lane) {
+  uint32_t r[4];
+  tc::ldmatrix_x4(r, tile + swizzle<D>(n0 + (lane / 16) * 8 + lane % 8, k0 + (lane / 8 % 2) * 8));
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// B operands of two n8 tiles, k16 deep, where the tile stores B as is ([k][n], e.g. V rows for
+// P V): b0 for n cols n0..n0+7, b1 for n0+8..n0+15, k rows k0..k0+15.
+template <int D, typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile,
+                                          int k0, int n0, int lane) {
+  uint32_t r[4];
+  tc::ldmatrix_x4_trans(r, tile + swizzle<D>(k0 + lane % 8 + (lane / 8 % 2) * 8, n0 + (lane / 16) * 8));
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// The accumulators of n8 tiles 2j and 2j+1 (16 rows x 16 cols, fp32) as the A operand of the
+// next product: the C layout of two adjacent n8 tiles is the A layout of one k16 step.
+template <typename T>
+__device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float (&lo)[4],
+                                                  const float (&hi)[4]) {
+  a[0] = tc::pack2<T>(lo[0], lo[1]);
+  a[1] = tc::pack2<T>(lo[2], lo[3]);
+  a[2] = tc::pack2<T>(hi[0], hi[1]);
+  a[3] = tc::pack2<T>(hi[2], hi[3]);
+}
+
+// Write one m16 tile of a warp's accumulators (16 rows from row0, D cols) into a swizzled tile.
+template <typename T, int D>
+__device__ __forceinline__ void accumulators_to_smem(T* tile, const float (&acc)[D / 8][4],
+                                                     int row0, int lane) {
+  const int g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int row = row0 + g, col = dt * 8 + 2 * c;
+    *reinterpret_cast<uint32_t*>(tile + swizzle<D>(row, col)) =
+        tc::pack2<T>(acc[dt][0], acc[dt][1]);
+    *reinterpret_cast<uint32_t*>(tile + swizzle<D>(row + 8, col)) =
+        tc::pack2<T>(acc[dt][2], acc[dt][3]);
+  }
+}
+
+// ------------------------------------------------------------------------------ forward
+//
+// O = softmax(scale * Q K^T + mask) V, lse = log(sum_j exp(scale * s_ij)) per row.
+// One block per (query block of BLOCK_M rows, query head, batch); WARPS warps stacked along the
+// queries, MT m16 tiles each. The block walks its key blocks last to first (the masked ones
+// first) with one K and one V buffer, FlashAttention-2's order of cp.async: V[n] is fetched
+// while Q K[n]^T runs, K[n-1] while the softmax and P V[n] run. The online softmax keeps a
+// running max and sum per row in fp32 registers (base 2: scores are scaled by scale * log2 e
+// first, so any sign of scale works, then masked to -inf). P is rounded to T in registers and
+// used directly as the A operand of P V.
+template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_>
+struct FwdTile {
+  static constexpr int D = D_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, WARPS = WARPS_;
+  static constexpr int THREADS = WARPS * kWarpSize;
+  static constexpr int MT = BLOCK_M / (16 * WARPS);  // m16 tiles per warp
+  static constexpr int SMEM_BYTES = (BLOCK_M + 2 * BLOCK_N) * D * 2;
+  static_assert(BLOCK_M % (16 * WARPS) == 0 && BLOCK_N % 16 == 0 && D % 16 == 0, "tile shape");
+};
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::THREADS)
+    flash_fwd_kernel(const AttnParams p) {
+  constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_M, BLOCK_N = Tile::BLOCK_N;
+  constexpr int THREADS = Tile::THREADS, MT = Tile::MT, NT = BLOCK_N / 8, DT = D / 8;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest rows start first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const int row0 = warp * MT * 16;  // this warp's first row in the block
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head +
+               int64_t(m_block) * BLOCK_M * p.q_s.row;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
+  T* s_k = s_q + BLOCK_M * D;
+  T* s_v = s_k + BLOCK_N * D;
+
+  const int n_end = key_block_end(m_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
+  load_tile<T, D, BLOCK_M, THREADS>(s_q, q, p.q_s.row, sq - m_block * BLOCK_M);
+  if (n_end > 0) {
+    load_tile<T, D, BLOCK_N, THREADS>(s_k, k + int64_t(n_end - 1) * BLOCK_N * p.k_s.row,
+                                      p.k_s.row, sk - (n_end - 1) * BLOCK_N);
+  }
+  tc::cp_async_commit();
+
+  float o[MT][DT][4];
+  float row_max[MT][2], row_sum[MT][2];  // row_max in scaled base-2 units; row_sum per lane
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  for (int n = n_end - 1; n >= 0; --n) {
+    tc::cp_async_wait<0>();
+    tc::block_sync();  // K[n] has landed; every warp is done with V[n+1]
+    load_tile<T, D, BLOCK_N, THREADS>(s_v, v + int64_t(n) * BLOCK_N * p.v_s.row, p.v_s.row,
+                                      sk - n * BLOCK_N);
+    tc::cp_async_commit();
+
+    float s[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    }
+#pragma unroll
+    for (int kt = 0; kt < D / 16; ++kt) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) load_a<D>(a[mt], s_q, row0 + mt * 16, kt * 16, lane);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b0[2], b1[2];
+        load_b_nk<D>(b0, b1, s_k, np * 16, kt * 16, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          tc::mma_16816<T>(s[mt][2 * np], a[mt], b0);
+          tc::mma_16816<T>(s[mt][2 * np + 1], a[mt], b1);
+        }
+      }
+    }
+
+    // Scale to base 2, then mask (after scaling, so a negative or zero scale cannot turn the
+    // mask's -inf into +inf or NaN).
+    const bool masked = tile_needs_mask(m_block, n, BLOCK_M, BLOCK_N, sq, sk, p.causal);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][nt][e] *= p.scale_log2;
+          if (masked) {
+            const int i = m_block * BLOCK_M + row0 + mt * 16 + g + (e / 2) * 8;
+            const int j = n * BLOCK_N + nt * 8 + 2 * c + e % 2;
+            if (!visible(i, j, sq, sk, p.causal)) s[mt][nt][e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    tc::cp_async_wait<0>();
+    tc::block_sync();  // V[n] has landed; every warp is done with K[n]
+    if (n > 0) {
+      load_tile<T, D, BLOCK_N, THREADS>(s_k, k + int64_t(n - 1) * BLOCK_N * p.k_s.row, p.k_s.row,
+                                        sk - (n - 1) * BLOCK_N);
+      tc::cp_async_commit();
+    }
+
+    // Online softmax: rows g and g + 8 of each m16 tile live in the 4 lanes of a quad.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = fmaxf(mx, tc::shfl_xor(mx, 1));
+        mx = fmaxf(mx, tc::shfl_xor(mx, 2));
+        const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet
+        const float correction = exp2f(row_max[mt][r] - base);
+        row_max[mt][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          s[mt][nt][2 * r] = exp2f(s[mt][nt][2 * r] - base);
+          s[mt][nt][2 * r + 1] = exp2f(s[mt][nt][2 * r + 1] - base);
+          sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+        }
+        row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[mt][dt][2 * r] *= correction;
+          o[mt][dt][2 * r + 1] *= correction;
+        }
+      }
+    }
+
+    // O += P V[n]
+#pragma unroll
+    for (int pk = 0; pk < BLOCK_N / 16; ++pk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) accumulators_as_a<T>(a[mt], s[mt][2 * pk], s[mt][2 * pk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t b0[2], b1[2];
+        load_b_kn<D>(b0, b1, s_v, pk * 16, dp * 16, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          tc::mma_16816<T>(o[mt][2 * dp], a[mt], b0);
+          tc::mma_16816<T>(o[mt][2 * dp + 1], a[mt], b1);
+        }
+      }
+    }
+  }
+
+  // O /= rowsum; lse = ln 2 * (max + log2 rowsum). A row that saw no key gets O = 0, lse = -inf.
+  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * sq;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[mt][r];
+      sum += tc::shfl_xor(sum, 1);
+      sum += tc::shfl_xor(sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[mt][dt][2 * r] *= inv;
+        o[mt][dt][2 * r + 1] *= inv;
+      }
+      const int i = m_block * BLOCK_M + row0 + mt * 16 + g + r * 8;
+      if (c == 0 && i < sq) lse[i] = sum > 0.f ? (row_max[mt][r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+  // Stage O through the Q tile (each warp only ever read its own Q rows) for 16-byte stores.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) accumulators_to_smem<T, D>(s_q, o[mt], row0 + mt * 16, lane);
+  tc::block_sync();
+  T* out = static_cast<T*>(p.o) + b * p.o_s.batch + h * p.o_s.head +
+           int64_t(m_block) * BLOCK_M * p.o_s.row;
+  store_tile<T, D, BLOCK_M, THREADS>(out, s_q, p.o_s.row, sq - m_block * BLOCK_M);
+}
+
+// ------------------------------------------------------------------------------ backward
+//
+// With P = softmax(S) recomputed from the saved lse (P_ij = exp2(scale_log2 s_ij - lse_i log2 e)),
+// dV = P^T dO, dP = dO V^T, dS = P o (dP - delta) with delta_i = rowsum(dO_i o O_i),
+// dQ = scale dS K, dK = scale dS^T Q. Deterministic, without atomics: one kernel owns a key
+// block (dK, dV in registers, summed over the query heads of its kv group and over its query
+// blocks in a fixed order), a second owns a query block (dQ in registers), each recomputing P.
+
+// delta = rowsum(dout * out) in fp32, one warp per (batch, head, query) row; (B, Hq, Sq).
+template <typename T, int D>
+__global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const AttnParams p) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t row = int64_t(blockIdx.x) * (256 / kWarpSize) + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (row >= rows) return;  // whole warps leave together
+  const int i = row % p.seqlen_q;
+  const int h = row / p.seqlen_q % p.heads_q;
+  const int b = row / (int64_t(p.seqlen_q) * p.heads_q);
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head +
+                  i * p.dout_s.row;
+  const T* out = static_cast<const T*>(p.out) + b * p.out_s.batch + h * p.out_s.head +
+                 i * p.out_s.row;
+  float acc = 0.f;
+#pragma unroll
+  for (int d = 2 * lane; d < D; d += 2 * kWarpSize) {
+    const float2 x = tc::unpack2<T>(*reinterpret_cast<const uint32_t*>(dout + d));
+    const float2 y = tc::unpack2<T>(*reinterpret_cast<const uint32_t*>(out + d));
+    acc += x.x * y.x + x.y * y.y;
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) acc += tc::shfl_xor(acc, offset);
+  if (lane == 0) p.delta[row] = acc;
+}
+
+// Tiles of both backward kernels: WARPS warps of 16 rows own the block's BLOCK_OWN rows (keys
+// for dK/dV, queries for dQ); the loop walks the other side BLOCK_STEP rows at a time, double
+// buffered so the next step's tiles load during this step's five products.
+template <int D_, int BLOCK_STEP_, int WARPS_>
+struct BwdTile {
+  static constexpr int D = D_, BLOCK_STEP = BLOCK_STEP_, WARPS = WARPS_;
+  static constexpr int THREADS = WARPS * kWarpSize;
+  static constexpr int BLOCK_OWN = 16 * WARPS;
+  // Two resident tiles, two double-buffered ones, and two fp32 vectors per step buffer.
+  static constexpr int SMEM_BYTES = (2 * BLOCK_OWN + 4 * BLOCK_STEP) * D * 2 + 4 * BLOCK_STEP * 4;
+  static_assert(BLOCK_STEP % 16 == 0 && D % 16 == 0, "tile shape");
+};
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::THREADS)
+    flash_bwd_dkdv_kernel(const AttnParams p) {
+  constexpr int D = Tile::D, BLOCK_N = Tile::BLOCK_OWN, BLOCK_M = Tile::BLOCK_STEP;
+  constexpr int THREADS = Tile::THREADS, QT = BLOCK_M / 8, DT = D / 8;
+  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  const int group = p.heads_q / p.heads_kv;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const int key0 = warp * 16;  // this warp's first key row in the block
+
+  T* s_k = reinterpret_cast<T*>(tc::dynamic_smem());
+  T* s_v = s_k + BLOCK_N * D;
+  T* s_q = s_v + BLOCK_N * D;        // [2][BLOCK_M][D]
+  T* s_do = s_q + 2 * BLOCK_M * D;   // [2][BLOCK_M][D]
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * BLOCK_M * D);  // [2][BLOCK_M], log2 units
+  float* s_delta = s_lse + 2 * BLOCK_M;                               // [2][BLOCK_M]
+
+  const int64_t key_offset = int64_t(n_block) * BLOCK_N;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  load_tile<T, D, BLOCK_N, THREADS>(s_k, k + key_offset * p.k_s.row, p.k_s.row, sk - key_offset);
+  load_tile<T, D, BLOCK_N, THREADS>(s_v, v + key_offset * p.v_s.row, p.v_s.row, sk - key_offset);
+
+  // Steps: every query block from the first that sees this key block, for each query head of
+  // the group.
+  const int m_begin = query_block_begin(n_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
+  const int m_count = ceil_div(sq, BLOCK_M) - m_begin;
+  const int steps = group * m_count;
+  auto load_step = [&](int step, int buf) {
+    const int h = h_kv * group + step / m_count;
+    const int m = m_begin + step % m_count;
+    const int64_t row0 = int64_t(m) * BLOCK_M;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head;
+    load_tile<T, D, BLOCK_M, THREADS>(s_q + buf * BLOCK_M * D, q + row0 * p.q_s.row, p.q_s.row,
+                                      sq - row0);
+    load_tile<T, D, BLOCK_M, THREADS>(s_do + buf * BLOCK_M * D, dout + row0 * p.dout_s.row,
+                                      p.dout_s.row, sq - row0);
+    const int64_t lse_row = (int64_t(b) * p.heads_q + h) * sq + row0;
+    for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
+      const bool ok = row0 + r < sq;  // rows past the end get P = 0 and delta = 0
+      s_lse[buf * BLOCK_M + r] = ok ? p.lse[lse_row + r] * kLog2e : INFINITY;
+      s_delta[buf * BLOCK_M + r] = ok ? p.delta[lse_row + r] : 0.f;
+    }
+  };
+  if (steps > 0) load_step(0, 0);
+  tc::cp_async_commit();
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
+  }
+
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    const int m = m_begin + step % m_count;
+    tc::cp_async_wait<0>();
+    tc::block_sync();  // this step's tiles have landed; every warp is done with the last step
+    if (step + 1 < steps) load_step(step + 1, buf ^ 1);
+    tc::cp_async_commit();
+    const T* sq_tile = s_q + buf * BLOCK_M * D;
+    const T* sdo_tile = s_do + buf * BLOCK_M * D;
+    const float* lse = s_lse + buf * BLOCK_M;
+    const float* delta = s_delta + buf * BLOCK_M;
+
+    // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x BLOCK_M queries.
+    float pt[QT][4], dpt[QT][4];
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pt[qt][e] = dpt[qt][e] = 0.f;
+    }
+#pragma unroll
+    for (int kt = 0; kt < D / 16; ++kt) {
+      uint32_t ak[4], av[4];
+      load_a<D>(ak, s_k, key0, kt * 16, lane);
+      load_a<D>(av, s_v, key0, kt * 16, lane);
+#pragma unroll
+      for (int qp = 0; qp < QT / 2; ++qp) {
+        uint32_t b0[2], b1[2];
+        load_b_nk<D>(b0, b1, sq_tile, qp * 16, kt * 16, lane);
+        tc::mma_16816<T>(pt[2 * qp], ak, b0);
+        tc::mma_16816<T>(pt[2 * qp + 1], ak, b1);
+        load_b_nk<D>(b0, b1, sdo_tile, qp * 16, kt * 16, lane);
+        tc::mma_16816<T>(dpt[2 * qp], av, b0);
+        tc::mma_16816<T>(dpt[2 * qp + 1], av, b1);
+      }
+    }
+
+    // P^T from the saved lse, then dS^T = P^T o (dP^T - delta); both indexed by query column.
+    const bool masked = tile_needs_mask(m, n_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = qt * 8 + 2 * c + e % 2;
+        const int j = n_block * BLOCK_N + key0 + g + (e / 2) * 8;
+        const int i = m * BLOCK_M + col;
+        float prob = exp2f(pt[qt][e] * p.scale_log2 - lse[col]);
+        if (masked && !visible(i, j, sq, sk, p.causal)) prob = 0.f;
+        pt[qt][e] = prob;
+        dpt[qt][e] = prob * (dpt[qt][e] - delta[col]);
+      }
+    }
+
+    // dV += P^T dO and dK += dS^T Q: k runs over the step's queries.
+#pragma unroll
+    for (int qk = 0; qk < QT / 2; ++qk) {
+      uint32_t ap[4], ads[4];
+      accumulators_as_a<T>(ap, pt[2 * qk], pt[2 * qk + 1]);
+      accumulators_as_a<T>(ads, dpt[2 * qk], dpt[2 * qk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t b0[2], b1[2];
+        load_b_kn<D>(b0, b1, sdo_tile, qk * 16, dp * 16, lane);
+        tc::mma_16816<T>(dv[2 * dp], ap, b0);
+        tc::mma_16816<T>(dv[2 * dp + 1], ap, b1);
+        load_b_kn<D>(b0, b1, sq_tile, qk * 16, dp * 16, lane);
+        tc::mma_16816<T>(dk[2 * dp], ads, b0);
+        tc::mma_16816<T>(dk[2 * dp + 1], ads, b1);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dt][e] *= p.softmax_scale;
+  }
+  // Stage through the K and V tiles (each warp only ever read its own rows of them).
+  accumulators_to_smem<T, D>(s_k, dk, key0, lane);
+  accumulators_to_smem<T, D>(s_v, dv, key0, lane);
+  tc::block_sync();
+  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_s.batch + h_kv * p.dk_s.head +
+              key_offset * p.dk_s.row;
+  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_s.batch + h_kv * p.dv_s.head +
+              key_offset * p.dv_s.row;
+  store_tile<T, D, BLOCK_N, THREADS>(dk_out, s_k, p.dk_s.row, sk - key_offset);
+  store_tile<T, D, BLOCK_N, THREADS>(dv_out, s_v, p.dv_s.row, sk - key_offset);
+}
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::THREADS)
+    flash_bwd_dq_kernel(const AttnParams p) {
+  constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_OWN, BLOCK_N = Tile::BLOCK_STEP;
+  constexpr int THREADS = Tile::THREADS, NT = BLOCK_N / 8, DT = D / 8;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest rows start first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const int row0 = warp * 16;
+
+  T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
+  T* s_do = s_q + BLOCK_M * D;
+  T* s_k = s_do + BLOCK_M * D;       // [2][BLOCK_N][D]
+  T* s_v = s_k + 2 * BLOCK_N * D;    // [2][BLOCK_N][D]
+
+  const int64_t q_offset = int64_t(m_block) * BLOCK_M;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  load_tile<T, D, BLOCK_M, THREADS>(s_q, q + q_offset * p.q_s.row, p.q_s.row, sq - q_offset);
+  load_tile<T, D, BLOCK_M, THREADS>(s_do, dout + q_offset * p.dout_s.row, p.dout_s.row,
+                                    sq - q_offset);
+  auto load_step = [&](int n, int buf) {
+    const int64_t key0 = int64_t(n) * BLOCK_N;
+    load_tile<T, D, BLOCK_N, THREADS>(s_k + buf * BLOCK_N * D, k + key0 * p.k_s.row, p.k_s.row,
+                                      sk - key0);
+    load_tile<T, D, BLOCK_N, THREADS>(s_v + buf * BLOCK_N * D, v + key0 * p.v_s.row, p.v_s.row,
+                                      sk - key0);
+  };
+  const int n_end = key_block_end(m_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
+  if (n_end > 0) load_step(0, 0);
+  tc::cp_async_commit();
+
+  // This lane's rows g and g + 8: lse in log2 units (+inf past the end: P = 0), delta.
+  float lse[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = int(q_offset) + row0 + g + 8 * r;
+    const int64_t at = (int64_t(b) * p.heads_q + h) * sq + i;
+    lse[r] = i < sq ? p.lse[at] * kLog2e : INFINITY;
+    delta[r] = i < sq ? p.delta[at] : 0.f;
+  }
+
+  float dq[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+
+  for (int n = 0; n < n_end; ++n) {
+    const int buf = n & 1;
+    tc::cp_async_wait<0>();
+    tc::block_sync();  // K[n], V[n] (and Q, dO) have landed; every warp is done with step n-1
+    if (n + 1 < n_end) load_step(n + 1, buf ^ 1);
+    tc::cp_async_commit();
+    const T* sk_tile = s_k + buf * BLOCK_N * D;
+    const T* sv_tile = s_v + buf * BLOCK_N * D;
+
+    // S = Q K^T and dP = dO V^T: this warp's 16 queries x BLOCK_N keys.
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    }
+#pragma unroll
+    for (int kt = 0; kt < D / 16; ++kt) {
+      uint32_t aq[4], ado[4];
+      load_a<D>(aq, s_q, row0, kt * 16, lane);
+      load_a<D>(ado, s_do, row0, kt * 16, lane);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b0[2], b1[2];
+        load_b_nk<D>(b0, b1, sk_tile, np * 16, kt * 16, lane);
+        tc::mma_16816<T>(s[2 * np], aq, b0);
+        tc::mma_16816<T>(s[2 * np + 1], aq, b1);
+        load_b_nk<D>(b0, b1, sv_tile, np * 16, kt * 16, lane);
+        tc::mma_16816<T>(dp[2 * np], ado, b0);
+        tc::mma_16816<T>(dp[2 * np + 1], ado, b1);
+      }
+    }
+
+    // dS = P o (dP - delta), P recomputed from lse.
+    const bool masked = tile_needs_mask(m_block, n, BLOCK_M, BLOCK_N, sq, sk, p.causal);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = int(q_offset) + row0 + g + (e / 2) * 8;
+        const int j = n * BLOCK_N + nt * 8 + 2 * c + e % 2;
+        float prob = exp2f(s[nt][e] * p.scale_log2 - lse[e / 2]);
+        if (masked && !visible(i, j, sq, sk, p.causal)) prob = 0.f;
+        s[nt][e] = prob * (dp[nt][e] - delta[e / 2]);
+      }
+    }
+
+    // dQ += dS K: k runs over the step's keys.
+#pragma unroll
+    for (int nk = 0; nk < NT / 2; ++nk) {
+      uint32_t ads[4];
+      accumulators_as_a<T>(ads, s[2 * nk], s[2 * nk + 1]);
+#pragma unroll
+      for (int dp2 = 0; dp2 < DT / 2; ++dp2) {
+        uint32_t b0[2], b1[2];
+        load_b_kn<D>(b0, b1, sk_tile, nk * 16, dp2 * 16, lane);
+        tc::mma_16816<T>(dq[2 * dp2], ads, b0);
+        tc::mma_16816<T>(dq[2 * dp2 + 1], ads, b1);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[dt][e] *= p.softmax_scale;
+  }
+  accumulators_to_smem<T, D>(s_q, dq, row0, lane);
+  tc::block_sync();
+  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_s.batch + h * p.dq_s.head + q_offset * p.dq_s.row;
+  store_tile<T, D, BLOCK_M, THREADS>(dq_out, s_q, p.dq_s.row, sq - q_offset);
+}
+
+// ------------------------------------------------------------------------------ launches
+//
+// Tile choices start from FlashAttention-2's for sm_80 (KERNEL-NOTES.md) and are bounded by the
+// register file: 255 registers per thread at 128 threads, and tests/test_cuda_build.py checks
+// from the cubin that no kernel spills. Each warp owns 16 rows (x MT) and holds their fp32
+// accumulators: O (D/2 regs per m16 tile) plus the scores (BLOCK_N/2); the backward holds two
+// D-wide accumulators (dK and dV) and two score tiles.
+//   forward  d64: 128 x 64, 4 warps (2 m16 tiles each), 32 KiB of shared memory.
+//            d128: 128 x 64, 8 warps; 4 warps with 2 m16 tiles each spilled 176 bytes.
+//   dK/dV    64 keys (4 warps) x 64-query steps at d64 (40 KiB); 32-query steps at d128
+//            (48 KiB), where 64-query steps spilled 32 bytes.
+//   dQ       64 queries (4 warps) x 64-key steps (d64 40 KiB, d128 80 KiB).
+template <int D>
+struct Config;
+template <>
+struct Config<64> {
+  using Fwd = FwdTile<64, 128, 64, 4>;
+  using Dkdv = BwdTile<64, 64, 4>;
+  using Dq = BwdTile<64, 64, 4>;
+};
+template <>
+struct Config<128> {
+  using Fwd = FwdTile<128, 128, 64, 8>;
+  using Dkdv = BwdTile<128, 32, 4>;
+  using Dq = BwdTile<128, 64, 4>;
+};
+
+template <typename F>
+void with_head_dim(int head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(Config<64>{});
+    case 128: return f(Config<128>{});
+    default: throw std::invalid_argument("flash attention: head_dim must be 64 or 128");
+  }
+}
+
+template <typename T, typename Launch>
+void run_forward(const AttnParams& p, int head_dim, Launch&& launch) {
+  with_head_dim(head_dim, [&](auto config) {
+    using Tile = typename decltype(config)::Fwd;
+    const dim3 grid(ceil_div(p.seqlen_q, Tile::BLOCK_M), p.heads_q, p.batch);
+    launch(flash_fwd_kernel<T, Tile>, grid, dim3(Tile::THREADS), Tile::SMEM_BYTES, p);
+  });
+}
+
+template <typename T, typename Launch>
+void run_backward(const AttnParams& p, int head_dim, Launch&& launch) {
+  with_head_dim(head_dim, [&](auto config) {
+    using Dkdv = typename decltype(config)::Dkdv;
+    using Dq = typename decltype(config)::Dq;
+    const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+    launch(flash_bwd_delta_kernel<T, Dq::D>, dim3(unsigned((rows + 7) / 8)), dim3(256), 0, p);
+    launch(flash_bwd_dkdv_kernel<T, Dkdv>,
+           dim3(ceil_div(p.seqlen_k, Dkdv::BLOCK_OWN), p.heads_kv, p.batch), dim3(Dkdv::THREADS),
+           Dkdv::SMEM_BYTES, p);
+    launch(flash_bwd_dq_kernel<T, Dq>,
+           dim3(ceil_div(p.seqlen_q, Dq::BLOCK_OWN), p.heads_q, p.batch), dim3(Dq::THREADS),
+           Dq::SMEM_BYTES, p);
+  });
+}
+
+// The launch interface both callers provide: launch(kernel, grid, block, smem_bytes, params)
+// runs `kernel` (a `void (*)(AttnParams)` __global__ function) and checks the launch.
+//   template <typename T, typename Launch>
+//   void run_forward(const AttnParams& p, int head_dim, Launch&& launch);   // writes o, lse
+//   template <typename T, typename Launch>
+//   void run_backward(const AttnParams& p, int head_dim, Launch&& launch);  // dq, dk, dv
+// T is __half or __nv_bfloat16; head_dim is 64 or 128 (others are refused by the callers).
+
+}  // namespace attention
+}  // namespace llama_kernels

@@ -1,0 +1,267 @@
+"""Run the CUDA attention kernels on the CPU: csrc/flash_attention_kernels.cuh compiled by g++
+against tests/cuda_emulator/emulator.h, an emulation of csrc/tensor_core.cuh.
+
+    build(name, sources)    -> ctypes.CDLL, cached by a hash of the sources and the headers
+    available()             -> (ok, reason): whether this machine can build the emulator
+    flash_forward(q, k, v, causal, softmax_scale)                    -> (out, lse)
+    flash_backward(dout, q, k, v, out, lse, causal, softmax_scale)   -> (dq, dk, dv)
+
+The wrappers take CPU fp16/bf16 tensors q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) with any
+strides whose last is 1 (rows not 16-byte aligned are copied first, as flash_attention.cu
+does), and return contiguous outputs that were allocated between NaN guard bands: a kernel
+writing past an output's ends fails the call. Every input and output span is
+registered with the emulator, so a cp.async reading outside them fails too. Emulator errors
+(bounds, deadlocks, cp.async misuse) raise EmulatorError with the emulator's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(REPO, "csrc")
+FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
+HEAD_DIMS = (64, 128)
+_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+_ERR_BYTES = 4096
+# The emulator's state (launch coordinates, registered ranges) is process-global C++ state.
+_LOCK = threading.Lock()
+
+
+class EmulatorError(RuntimeError):
+    """An error reported by the emulator: a bad address, a deadlock, a cp.async misuse."""
+
+
+def available() -> tuple[bool, str]:
+    if not sys.platform.startswith("linux"):
+        return False, f"the emulator needs Linux (ucontext fibers, mmap), not {sys.platform}"
+    if shutil.which("g++") is None:
+        return False, "g++ not found on PATH"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_id() -> str:
+    return subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+
+
+def _headers(include_dirs) -> list[str]:
+    found = []
+    for d in include_dirs:
+        for ext in ("h", "hpp", "cuh"):
+            found += glob.glob(os.path.join(d, f"*.{ext}"))
+    return sorted(found)
+
+
+def build(name: str, sources, include_dirs=()) -> ctypes.CDLL:
+    """Compile `sources` (paths relative to tests/cuda_emulator/, or absolute) into one library.
+
+    `include_dirs` come before csrc/ and tests/cuda_emulator/ on the include path. The result is
+    cached under the temp dir, keyed by the compiler, the flags and the text of the sources and
+    of every header in the include directories, so an unchanged rebuild is a dlopen.
+    """
+    ok, why = available()
+    if not ok:
+        raise EmulatorError(f"cannot build the emulator: {why}")
+    sources = [os.path.join(HERE, s) for s in sources]  # an absolute s stays as it is
+    dirs = [os.path.abspath(d) for d in include_dirs] + [CSRC, HERE]
+    cmd = ["g++", *FLAGS, *(f"-I{d}" for d in dirs)]
+    key = hashlib.sha256("\0".join(cmd + [_compiler_id()]).encode())
+    for path in sources + _headers(dirs):
+        key.update(path.encode() + b"\0" + pathlib.Path(path).read_bytes())
+    cache = os.path.join(tempfile.gettempdir(), "llama_kernels_emulator")
+    os.makedirs(cache, exist_ok=True)
+    lib = os.path.join(cache, f"{name}-{key.hexdigest()[:16]}.so")
+    if not os.path.exists(lib):
+        tmp = f"{lib}.{os.getpid()}.{threading.get_ident()}.tmp"
+        proc = subprocess.run(cmd + sources + ["-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise EmulatorError(f"g++ failed building {name}:\n{proc.stderr[-6000:]}")
+        os.replace(tmp, lib)  # atomic: parallel test workers never load a half-written file
+    return ctypes.CDLL(lib)
+
+
+def call(fn, *args) -> None:
+    """Call an entry point taking (..., char* err, size_t err_len); raise its error, if any."""
+    err = ctypes.create_string_buffer(_ERR_BYTES)
+    with _LOCK:
+        rc = fn(*args, err, ctypes.c_size_t(_ERR_BYTES))
+    if rc != 0:
+        raise EmulatorError(err.value.decode(errors="replace"))
+
+
+# ------------------------------------------------------------------------- attention wrappers
+
+_P = ctypes.c_void_p
+_ATTN_SIG = {
+    # dtype, head_dim, q, k, v, o, lse, strides (q, k, v, o) x (batch, row, head), sizes,
+    # softmax_scale, causal
+    "flash_forward_emu": [ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P,
+                          ctypes.c_float, ctypes.c_int],
+    # dtype, head_dim, q, k, v, out, dout, lse, dq, dk, dv,
+    # strides (q, k, v, out, dout, dq, dk, dv) x (batch, row, head), sizes, softmax_scale, causal
+    "flash_backward_emu": [ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                           _P, ctypes.c_float, ctypes.c_int],
+}
+
+
+def _attention_lib() -> ctypes.CDLL:
+    lib = build("flash_attention_emu", ["flash_attention_emu.cpp"])
+    for fn, sig in _ATTN_SIG.items():
+        getattr(lib, fn).argtypes = sig + [ctypes.c_char_p, ctypes.c_size_t]
+        getattr(lib, fn).restype = ctypes.c_int
+    lib.emu_register_global.argtypes = [_P, ctypes.c_size_t]
+    return lib
+
+
+class _Guarded:
+    """A contiguous tensor inside a NaN-filled buffer; check() fails if the bands changed."""
+
+    def __init__(self, shape, dtype, band: int):
+        n = math.prod(shape)
+        self.band = -(-band // 64) * 64  # keeps the view 128-byte aligned
+        self.buf = torch.full((n + 2 * self.band,), float("nan"), dtype=dtype)
+        self.view = self.buf[self.band:self.band + n].view(shape)
+        self.pattern = self.buf[:self.band].clone()
+
+    def check(self, name: str) -> None:
+        ints = {2: torch.int16, 4: torch.int32}[self.buf.element_size()]
+        for side, band in (("before", self.buf[:self.band]), ("after", self.buf[-self.band:])):
+            changed = (band.view(ints) != self.pattern.view(ints)).nonzero()
+            if len(changed):
+                where = changed[0].item() - (self.band if side == "before" else 0)
+                raise EmulatorError(f"{name}: the kernel wrote {len(changed)} element(s) {side} "
+                                    f"the tensor (first at offset {where} from that end)")
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _check_bshd(t: torch.Tensor, name: str, dtype) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: the emulator runs on CPU tensors, got one on {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected 4 dimensions (B, S, H, D), got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride along D, got strides {t.stride()}")
+
+
+def _rows_16b(t: torch.Tensor) -> torch.Tensor:
+    """t if its rows are 16-byte aligned (the kernels read them with 16-byte cp.async), else a
+    copy with aligned rows, as flash_attention.cu makes; the copy keeps NaN after every row and
+    around the whole, so a read past a mask still shows as it would in the caller's padding."""
+    es = t.element_size()
+    if t.data_ptr() % 16 == 0 and all(n == 1 or s * es % 16 == 0
+                                      for n, s in zip(t.shape[:3], t.stride()[:3])):
+        return t
+    b, s, h, d = t.shape
+    row = -(-d // 8) * 8 + 8  # elements per padded row: 16-byte multiple, NaN tail
+    buf = torch.full((b * s * h * row + 128,), float("nan"), dtype=t.dtype)
+    view = buf[64:64 + b * s * h * row].view(b, s, h, row)[..., :d]
+    view.copy_(t)
+    return view
+
+
+def _check_qkv(q, k, v) -> None:
+    if q.dtype not in _DTYPE_CODE:
+        raise ValueError(f"q: expected float16 or bfloat16, got {q.dtype}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_bshd(t, name, q.dtype)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v: shapes differ, {tuple(k.shape)} and {tuple(v.shape)}")
+    (b, _, hq, d), (bk, _, hkv, dk) = q.shape, k.shape
+    if (bk, dk) != (b, d) or hkv == 0 or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch and head_dim must "
+                         "match and Hq be a multiple of Hkv")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim {d}: the kernels support {HEAD_DIMS}")
+
+
+def _strides(*tensors) -> ctypes.Array:
+    flat = [s for t in tensors for s in t.stride()[:3]]
+    return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def _sizes(q, k) -> ctypes.Array:
+    return (ctypes.c_int * 5)(q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1])
+
+
+def _band(shape) -> int:
+    # 128 rows of every head: a tile written past the last row lands in the band.
+    return max(1024, 128 * math.prod(shape[2:]))
+
+
+def _run(lib, fn, tensors, *args) -> None:
+    """Register the spans of `tensors` as the global memory cp.async may read, then call fn."""
+    err = ctypes.create_string_buffer(_ERR_BYTES)
+    with _LOCK:
+        lib.emu_clear_globals()
+        for t in tensors:
+            lib.emu_register_global(t.data_ptr(), _span_bytes(t))
+        rc = fn(*args, err, _ERR_BYTES)
+    if rc != 0:
+        raise EmulatorError(err.value.decode(errors="replace"))
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32, natural log."""
+    _check_qkv(q, k, v)
+    q, k, v = (_rows_16b(t) for t in (q, k, v))
+    b, sq, hq, d = q.shape
+    out = _Guarded(q.shape, q.dtype, _band(q.shape))
+    lse = _Guarded((b, hq, sq), torch.float32, 1024)
+    lib = _attention_lib()
+    _run(lib, lib.flash_forward_emu, (q, k, v, out.view, lse.view),
+         _DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.view.data_ptr(),
+         lse.view.data_ptr(), _strides(q, k, v, out.view), _sizes(q, k), softmax_scale,
+         int(causal))
+    out.check("out")
+    lse.check("lse")
+    return out.view, lse.view
+
+
+def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (contiguous, shapes and dtype of q, k, v) from the forward's out and lse."""
+    _check_qkv(q, k, v)
+    for t, name in ((out, "out"), (dout, "dout")):
+        _check_bshd(t, name, q.dtype)
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    b, sq, hq, d = q.shape
+    if (lse.dtype, tuple(lse.shape)) != (torch.float32, (b, hq, sq)):
+        raise ValueError(f"lse: expected float32 {(b, hq, sq)}, got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
+    q, k, v, out, dout = (_rows_16b(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    grads = [_Guarded(t.shape, t.dtype, _band(t.shape)) for t in (q, k, v)]
+    dq, dk, dv = (g.view for g in grads)
+    lib = _attention_lib()
+    _run(lib, lib.flash_backward_emu, (q, k, v, out, dout, lse, dq, dk, dv),
+         _DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+         dout.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+         _strides(q, k, v, out, dout, dq, dk, dv), _sizes(q, k), softmax_scale, int(causal))
+    for g, name in zip(grads, ("dq", "dk", "dv")):
+        g.check(name)
+    return dq, dk, dv

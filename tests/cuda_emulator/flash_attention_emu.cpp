@@ -1,0 +1,100 @@
+// extern "C" entry points running csrc/flash_attention_kernels.cuh on the host emulator, for
+// flash_forward / flash_backward in tests/cuda_emulator/__init__.py. The launch decisions are
+// the header's (run_forward / run_backward); this file only fills AttnParams and launches.
+#include "emulator.h"
+#include "flash_attention_kernels.cuh"
+
+#include <limits>
+
+namespace {
+
+namespace attn = llama_kernels::attention;
+
+constexpr double kLog2e = 1.4426950408889634;
+
+attn::Strides strides_at(const int64_t* s, int i) { return {s[3 * i], s[3 * i + 1], s[3 * i + 2]}; }
+
+// sizes: batch, heads_q, heads_kv, seqlen_q, seqlen_k.
+attn::AttnParams base_params(const int* sizes, float softmax_scale, int causal) {
+  attn::AttnParams p{};
+  p.batch = sizes[0];
+  p.heads_q = sizes[1];
+  p.heads_kv = sizes[2];
+  p.seqlen_q = sizes[3];
+  p.seqlen_k = sizes[4];
+  p.softmax_scale = softmax_scale;
+  p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
+  p.causal = causal != 0;
+  return p;
+}
+
+const auto emu_launch = [](auto kernel, dim3 grid, dim3 block, size_t smem_bytes,
+                           const attn::AttnParams& p) {
+  emu::launch(kernel, grid, block, smem_bytes, p);
+};
+
+}  // namespace
+
+extern "C" {
+
+// Global ranges the kernels may cp.async from; call_c drops them when a call returns.
+void emu_register_global(const void* ptr, size_t bytes) { emu::register_global(ptr, bytes); }
+void emu_clear_globals() { emu::clear_globals(); }
+
+// strides: (q, k, v, o) x (batch, row, head), in elements.
+int flash_forward_emu(int dtype, int head_dim, const void* q, const void* k, const void* v,
+                      void* o, float* lse, const int64_t* strides, const int* sizes,
+                      float softmax_scale, int causal, char* err, size_t err_len) {
+  return emu::call_c(err, err_len, [&] {
+    attn::AttnParams p = base_params(sizes, softmax_scale, causal);
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.o = o;
+    p.lse = lse;
+    p.q_s = strides_at(strides, 0);
+    p.k_s = strides_at(strides, 1);
+    p.v_s = strides_at(strides, 2);
+    p.o_s = strides_at(strides, 3);
+    emu::with_dtype(dtype, [&](auto tag) {
+      attn::run_forward<decltype(tag)>(p, head_dim, emu_launch);
+    });
+  });
+}
+
+// strides: (q, k, v, out, dout, dq, dk, dv) x (batch, row, head), in elements.
+int flash_backward_emu(int dtype, int head_dim, const void* q, const void* k, const void* v,
+                       const void* out, const void* dout, const float* lse, void* dq, void* dk,
+                       void* dv, const int64_t* strides, const int* sizes, float softmax_scale,
+                       int causal, char* err, size_t err_len) {
+  return emu::call_c(err, err_len, [&] {
+    attn::AttnParams p = base_params(sizes, softmax_scale, causal);
+    // rowsum(dout * out) scratch, NaN until the backward's first kernel fills it.
+    std::vector<float> delta(size_t(p.batch) * p.heads_q * p.seqlen_q,
+                             std::numeric_limits<float>::quiet_NaN());
+    emu::register_global(delta.data(), delta.size() * sizeof(float));
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.dout = dout;
+    p.lse = const_cast<float*>(lse);
+    p.delta = delta.data();
+    p.dq = dq;
+    p.dk = dk;
+    p.dv = dv;
+    p.q_s = strides_at(strides, 0);
+    p.k_s = strides_at(strides, 1);
+    p.v_s = strides_at(strides, 2);
+    p.out_s = strides_at(strides, 3);
+    p.dout_s = strides_at(strides, 4);
+    p.dq_s = strides_at(strides, 5);
+    p.dk_s = strides_at(strides, 6);
+    p.dv_s = strides_at(strides, 7);
+    emu::with_dtype(dtype, [&](auto tag) {
+      attn::run_backward<decltype(tag)>(p, head_dim, emu_launch);
+    });
+  });
+}
+
+}  // extern "C"

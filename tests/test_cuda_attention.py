@@ -1,0 +1,307 @@
+"""The CUDA flash attention (csrc/flash_attention_kernels.cuh, csrc/flash_attention.cu).
+
+Without a GPU the very kernel source runs on the host: tests/cuda_emulator compiles it with g++
+against an emulation of the tensor-core primitives it is written in (csrc/tensor_core.cuh:
+mma.m16n8k16 fragment layouts, ldmatrix, asynchronous cp.async that lands only at its wait,
+shuffles, barriers with deadlock detection), one fiber per CUDA thread. That proves the
+fragment, swizzle, mask and pipeline arithmetic against reference.py; what it cannot prove
+(timing, races between warps that the emulator's round-robin order hides, the real hardware)
+is the GPU half's job: the same cases through lk.flash_attention(backend="cuda") and the
+GPU-only shapes, against the reference and the Triton backend, and compute-sanitizer in
+scripts/gpu_check.sh.
+
+Tolerance: helpers.assert_close (twice eager PyTorch's error in the same dtype, STYLE.md rule
+8), as for the Triton attention: the kernels round P (and dS) to the input dtype before the
+second product, as eager rounds its softmax.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import pytest
+import torch
+
+import cuda_emulator
+import llama_kernels as lk
+from helpers import GPU, assert_close, poisoned
+from llama_kernels import reference
+from llama_kernels.ops import _backend
+
+EMULATOR, EMULATOR_WHY_NOT = cuda_emulator.available()
+needs_emulator = pytest.mark.skipif(not EMULATOR, reason=f"no emulator: {EMULATOR_WHY_NOT}")
+HAS_CUDA_KERNEL = "flash_attention_fwd_cuda" in _backend.CUDA_AVAILABLE_KERNELS
+needs_gpu = pytest.mark.skipif(
+    not (GPU and HAS_CUDA_KERNEL),
+    reason="needs a GPU and the built CUDA extension"
+    + ("" if GPU else " (no GPU here)")
+    + ("" if HAS_CUDA_KERNEL else f" ({_backend._EXTENSION_WHY_NOT or 'kernel not built'})"))
+
+DTYPES = (torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal). The forward tiles are
+# 128 x 64 (d64: 4 warps x 2 m16 tiles, d128: 8 warps), the backward 64-row blocks with
+# 32/64-row steps, so these cover several query and key blocks, ragged ends of both, diagonal
+# tiles, Sq < Sk (bottom-right alignment), a decode row, and grouped / multi-query heads.
+CASES = [
+    pytest.param(1, 1, 1, 1, 1, 64, True, id="s1"),
+    pytest.param(1, 130, 130, 2, 1, 64, True, id="s130-h2/1-d64"),
+    pytest.param(1, 77, 77, 2, 2, 128, True, id="s77-d128"),
+    pytest.param(1, 40, 150, 2, 1, 128, True, id="q40-k150-h2/1-d128"),
+    pytest.param(2, 1, 77, 4, 1, 64, True, id="decode-k77-h4/1"),
+    pytest.param(1, 150, 40, 2, 2, 64, False, id="q150-k40-full"),
+    pytest.param(1, 33, 97, 4, 2, 128, False, id="q33-k97-h4/2-d128-full"),
+]
+GPU_CASES = [
+    pytest.param(2, 1025, 1025, 16, 4, 128, True, id="s1025-h16/4-d128"),
+    pytest.param(1, 1025, 1025, 8, 8, 64, False, id="s1025-d64-full"),
+    pytest.param(2, 512, 2049, 8, 1, 128, True, id="q512-k2049-h8/1"),
+    pytest.param(4, 1, 4096, 32, 8, 128, True, id="decode-k4096-h32/8"),
+    pytest.param(1, 4096, 4096, 8, 8, 64, True, id="s4096-d64"),
+]
+
+
+def inputs(b, sq, sk, hq, hkv, d, dtype, *, device="cpu"):
+    """q, k, v inside NaN padding (a read past a mask shows as NaN)."""
+    if device == "cpu":
+        return (poisoned((b, sq, hq, d), dtype), poisoned((b, sk, hkv, d), dtype),
+                poisoned((b, sk, hkv, d), dtype))
+    return tuple(torch.randn(shape, device=device, dtype=dtype)
+                 for shape in ((b, sq, hq, d), (b, sk, hkv, d), (b, sk, hkv, d)))
+
+
+def reference_grads(q, k, v, dout, causal, scale, upcast):
+    leaves = [(t.float() if upcast else t).detach().requires_grad_(True) for t in (q, k, v)]
+    out = reference.attention(*leaves, causal=causal, softmax_scale=scale, upcast=upcast)
+    return (out, *torch.autograd.grad(out, leaves, dout.float() if upcast else dout))
+
+
+def check_all(got, q, k, v, dout, causal, scale):
+    """got = (out, dq, dk, dv): each within the tolerance rule of the reference."""
+    ref = reference_grads(q, k, v, dout, causal, scale, upcast=True)
+    eager = reference_grads(q, k, v, dout, causal, scale, upcast=False)
+    for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, ref, eager):
+        assert_close(g, r, e, name)
+
+
+# ------------------------------------------------------------------------------ emulated
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,causal", CASES)
+def test_emulated_forward_backward(b, sq, sk, hq, hkv, d, causal, dtype):
+    q, k, v = inputs(b, sq, sk, hq, hkv, d, dtype)
+    scale = d ** -0.5
+    out, lse = cuda_emulator.flash_forward(q, k, v, causal, scale)
+    _, ref_lse = reference.attention_with_lse(q, k, v, causal=causal, softmax_scale=scale)
+    _, eager_lse = reference.attention_with_lse(q, k, v, causal=causal, softmax_scale=scale,
+                                                upcast=False)
+    assert_close(lse, ref_lse, eager_lse, "lse")
+    dout = torch.randn(q.shape).to(dtype)
+    grads = cuda_emulator.flash_backward(dout, q, k, v, out, lse, causal, scale)
+    check_all((out, *grads), q, k, v, dout, causal, scale)
+
+
+@needs_emulator
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_emulated_any_scale(scale):
+    # Scores are scaled before the running max and the mask, so a negative scale (the max of
+    # scale * s is scale * min s) and a zero scale (uniform weights) are right too.
+    q, k, v = inputs(1, 70, 70, 2, 1, 64, torch.float16)
+    dout = torch.randn(q.shape).half()
+    out, lse = cuda_emulator.flash_forward(q, k, v, True, scale)
+    grads = cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, scale)
+    check_all((out, *grads), q, k, v, dout, True, scale)
+
+
+@needs_emulator
+def test_emulated_fused_qkv_views():
+    # q, k, v sliced out of one fused projection: strided over heads, no copy in the kernels.
+    b, s, hq, hkv, d = 1, 65, 4, 2, 64
+    qkv = torch.randn(b, s, hq + 2 * hkv, d).to(torch.bfloat16)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=2)
+    assert not q.is_contiguous()
+    dout = torch.randn(q.shape).to(torch.bfloat16)
+    out, lse = cuda_emulator.flash_forward(q, k, v, True, d ** -0.5)
+    grads = cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, d ** -0.5)
+    check_all((out, *grads), q, k, v, dout, True, d ** -0.5)
+
+
+@needs_emulator
+def test_emulated_backward_is_deterministic():
+    q, k, v = inputs(1, 97, 97, 4, 1, 64, torch.float16)
+    dout = torch.randn(q.shape).half()
+    out, lse = cuda_emulator.flash_forward(q, k, v, True, 0.125)
+    first = cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, 0.125)
+    second = cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, 0.125)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ tile arithmetic
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    if not EMULATOR:
+        pytest.skip(f"no emulator: {EMULATOR_WHY_NOT}")
+    lib = cuda_emulator.build("tile_arithmetic", ["tile_arithmetic.cpp"])
+    return lib
+
+
+def _visible_pairs(sq, sk, causal):
+    """Brute force: the (i, j) pairs the reference's mask keeps."""
+    mask = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        mask = torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
+    return mask
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (1, 77), (40, 150), (130, 130), (150, 40), (64, 64),
+                                   (129, 200)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tile_arithmetic(tiles, sq, sk, causal):
+    """The kernels' own visit / mask / first-block functions against a walk over every pair:
+    a query block visits exactly the key blocks holding a visible pair (causal ones stop at
+    the diagonal), a tile is masked whenever it holds an invisible pair of real rows, and the
+    dK/dV loop starts at the first query block that sees the key block."""
+    if causal and sq > sk:
+        pytest.skip("causal needs seqlen_q <= seqlen_k (the op refuses it)")
+    mask = _visible_pairs(sq, sk, causal)
+    for i, j in itertools.product(range(sq), range(sk + 3)):
+        expect = j < sk and bool(mask[i, j])
+        assert tiles.lk_visible(i, j, sq, sk, causal) == expect, (i, j)
+    for bm, bn in ((128, 64), (64, 64), (64, 32), (16, 64)):
+        for m in range((sq + bm - 1) // bm):
+            rows = mask[m * bm:(m + 1) * bm]
+            visited = [n for n in range((sk + bn - 1) // bn) if rows[:, n * bn:(n + 1) * bn].any()]
+            end = tiles.lk_key_block_end(m, bm, bn, sq, sk, causal)
+            assert end == (visited[-1] + 1 if visited else 0), (bm, bn, m)
+            for n in range(end):
+                tile = rows[:, n * bn:(n + 1) * bn]
+                full = tile.shape[1] == bn and bool(tile.all())
+                needs = tiles.lk_tile_needs_mask(m, n, bm, bn, sq, sk, causal)
+                assert needs or full, f"tile ({m}, {n}) of {bm}x{bn} holds masked pairs"
+        for n in range((sk + bn - 1) // bn):
+            cols = mask[:, n * bn:(n + 1) * bn]
+            first = next(m for m in range((sq + bm - 1) // bm)
+                         if cols[m * bm:(m + 1) * bm].any())
+            assert tiles.lk_query_block_begin(n, bm, bn, sq, sk, causal) == first, (bm, bn, n)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_swizzle_is_a_conflict_free_permutation(tiles, d):
+    """Each row's 16-byte chunks are permuted within the row, and the 8 rows one ldmatrix reads
+    at one logical chunk fall in 8 different bank groups (offset / 8 elements mod 8)."""
+    rows = 16
+    offsets = [[tiles.lk_swizzle(d, r, c) for c in range(d)] for r in range(rows)]
+    for r in range(rows):
+        assert sorted(offsets[r]) == list(range(r * d, (r + 1) * d))
+        for c in range(0, d, 8):  # a chunk stays contiguous
+            assert offsets[r][c:c + 8] == list(range(offsets[r][c], offsets[r][c] + 8))
+    for r0 in range(0, rows, 8):
+        for c in range(0, d, 8):
+            groups = {offsets[r][c] // 8 % 8 for r in range(r0, r0 + 8)}
+            assert len(groups) == 8, (r0, c)
+
+
+def test_tiles_fit_the_hardware(tiles):
+    # Shared memory per block stays within sm_80's 163 KiB, with the tile shapes the kernels'
+    # comments promise.
+    got = {}
+    for d in (64, 128):
+        out = (ctypes.c_int * 7)()
+        tiles.lk_tiles(d, out)
+        got[d] = list(out)
+    assert got[64] == [64, 128, 64, 64, 64, 64, 64]
+    assert got[128] == [128, 128, 64, 64, 32, 64, 64]
+
+
+# ------------------------------------------------------------------------------ on a GPU
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,causal", CASES + GPU_CASES)
+def test_gpu_forward_backward(b, sq, sk, hq, hkv, d, causal, dtype):
+    q, k, v = inputs(b, sq, sk, hq, hkv, d, dtype, device="cuda")
+    dout = torch.randn(q.shape, device="cuda", dtype=dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = lk.flash_attention(*leaves, causal=causal, backend="cuda")
+    grads = torch.autograd.grad(out, leaves, dout)
+    check_all((out, *grads), q, k, v, dout, causal, d ** -0.5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_gpu_matches_emulated_and_triton(dtype):
+    q, k, v = inputs(1, 130, 130, 2, 1, 64, dtype, device="cuda")
+    out, lse = torch.ops.llama_kernels.flash_attention_fwd_cuda(q, k, v, True, 0.125)
+    tri_out, tri_lse = torch.ops.llama_kernels.flash_attention_fwd(q, k, v, True, 0.125,
+                                                                   "triton")
+    ref_out, ref_lse = reference.attention_with_lse(q, k, v, causal=True, softmax_scale=0.125)
+    assert_close(out, ref_out.float(), tri_out, "out vs triton's error")
+    assert_close(lse, ref_lse, tri_lse, "lse vs triton's error")
+    if EMULATOR:  # the emulation is the same arithmetic: it must agree to rounding
+        emu_out, emu_lse = cuda_emulator.flash_forward(q.cpu(), k.cpu(), v.cpu(), True, 0.125)
+        torch.testing.assert_close(out.cpu(), emu_out, atol=2e-2, rtol=0)
+        torch.testing.assert_close(lse.cpu(), emu_lse, atol=1e-4, rtol=0)
+
+
+@needs_gpu
+def test_gpu_backward_is_deterministic():
+    q, k, v = inputs(2, 300, 300, 8, 2, 128, torch.bfloat16, device="cuda")
+    dout = torch.randn_like(q)
+    out, lse = torch.ops.llama_kernels.flash_attention_fwd_cuda(q, k, v, True, 0.1)
+    first = torch.ops.llama_kernels.flash_attention_bwd_cuda(dout, q, k, v, out, lse, True, 0.1)
+    second = torch.ops.llama_kernels.flash_attention_bwd_cuda(dout, q, k, v, out, lse, True, 0.1)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_gpu_fused_qkv_views_and_misaligned_rows():
+    b, s, hq, hkv, d = 2, 257, 8, 2, 128
+    qkv = torch.randn(b, s, hq + 2 * hkv, d, device="cuda", dtype=torch.float16)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=2)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.float16)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = lk.flash_attention(*leaves, backend="cuda")
+    check_all((out, *torch.autograd.grad(out, leaves, dout)), q, k, v, dout, True, d ** -0.5)
+    # Rows not 16-byte aligned (an odd element offset) are copied first, not misread.
+    flat = torch.randn(1 + b * s * hq * d, device="cuda", dtype=torch.float16)
+    q2 = flat[1:].view(b, s, hq, d)
+    out = lk.flash_attention(q2, k, v, backend="cuda")
+    ref = reference.attention(q2.float(), k.float(), v.float(), causal=True)
+    eager = reference.attention(q2, k, v, causal=True, upcast=False)
+    assert_close(out, ref, eager, "misaligned out")
+
+
+@needs_gpu
+def test_gpu_bad_inputs_are_refused_before_launch():
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        lk.flash_attention(torch.randn(1, 8, 2, 96, device="cuda", dtype=torch.float16),
+                           torch.randn(1, 8, 2, 96, device="cuda", dtype=torch.float16),
+                           torch.randn(1, 8, 2, 96, device="cuda", dtype=torch.float16),
+                           backend="cuda")
+    with pytest.raises(RuntimeError, match="^k: expected dtype"):
+        torch.ops.llama_kernels.flash_attention_fwd_cuda(q, q.bfloat16(), q, True, 0.1)
+    with pytest.raises(RuntimeError, match="^q: causal attention needs seqlen_q <= seqlen_k"):
+        torch.ops.llama_kernels.flash_attention_fwd_cuda(q, q[:, :4], q[:, :4], True, 0.1)
+    with pytest.raises(RuntimeError, match="^lse: expected shape"):
+        torch.ops.llama_kernels.flash_attention_bwd_cuda(q, q, q, q, q,
+                                                         torch.zeros(1, 8, 2, device="cuda"),
+                                                         True, 0.1)
+
+
+@needs_gpu
+def test_gpu_opcheck():
+    q = torch.randn(1, 70, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.randn(1, 70, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    v = torch.randn(1, 70, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    torch.library.opcheck(torch.ops.llama_kernels.flash_attention_fwd, (q, k, v, True, 0.125,
+                                                                        "cuda"))
