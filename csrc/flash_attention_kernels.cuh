@@ -708,9 +708,9 @@ __global__ void __launch_bounds__(Tile::THREADS)
 // D-wide accumulators (dK and dV) and two score tiles.
 //   forward  d64: 128 x 64, 4 warps (2 m16 tiles each), 32 KiB of shared memory.
 //            d128: 128 x 64, 8 warps; 4 warps with 2 m16 tiles each spilled 176 bytes.
-//   dK/dV    64 keys (4 warps) x 64-query steps at d64 (40 KiB); 32-query steps at d128
-//            (48 KiB), where 64-query steps spilled 32 bytes.
-//   dQ       64 queries (4 warps) x 64-key steps (d64 40 KiB, d128 80 KiB).
+//   dK/dV    64 keys (4 warps) x 64-query steps at d64 (49 KiB); 32-query steps at d128
+//            (64.5 KiB), where 64-query steps spilled 32 bytes.
+//   dQ       64 queries (4 warps) x 64-key steps (d64 49 KiB, d128 97 KiB).
 template <int D>
 struct Config;
 template <>

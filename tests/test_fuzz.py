@@ -27,6 +27,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+import cuda_emulator
 import llama_kernels as lk
 from llama_kernels import reference
 from fuzz_profiles import FUZZ
@@ -287,8 +288,59 @@ def test_fuzz_flash_attention(backend, causal, data):
                      softmax_scale)
 
 
+class _Emulated(torch.autograd.Function):
+    """The CUDA attention kernels run on the host emulator (tests/cuda_emulator), as an
+    autograd function: the cuda backend's path without a GPU. Like the cuda op, it copies a
+    tensor whose last dimension is not unit-stride."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out, lse = cuda_emulator.flash_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        grads = cuda_emulator.flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return (*grads, None, None)
+
+
+_EMULATOR, _EMULATOR_WHY_NOT = cuda_emulator.available()
+
+
+@pytest.mark.skipif(not _EMULATOR, reason=f"no CUDA emulator: {_EMULATOR_WHY_NOT}")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@FUZZ
+@given(data=st.data())
+def test_fuzz_flash_attention_cuda_emulated(causal, data):
+    """The CUDA kernels (head_dim 64/128, fp16/bf16) on the host emulator: about 0.1 s per
+    64 x 64 tile step, so at most a few tiles per example."""
+    _seed(data)
+    dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
+    d = data.draw(st.sampled_from([64, 128]), label="head_dim")
+    hkv = data.draw(st.integers(1, 2), label="kv heads")
+    hq = hkv * data.draw(st.sampled_from([1, 2, 3]), label="group")
+    b = data.draw(st.integers(1, 2), label="batch")
+    sk = data.draw(st.integers(1, 160), label="seqlen_k")
+    sq = data.draw(st.integers(1, sk if causal else 160), label="seqlen_q")
+    assume(b * hq * sq * sk <= 2 * 130 * 130)
+    layout = data.draw(st.sampled_from(["contiguous", "sliced", "transposed", "heads-first"]),
+                       label="layout")
+    qk_scale = data.draw(st.sampled_from([1e-3, 0.3, 1.0, 3.0, 10.0]), label="q, k scale")
+    v_scale = data.draw(SCALES, label="v scale")
+    softmax_scale = data.draw(st.sampled_from([None, 0.05, 1.0, -0.5]), label="softmax_scale")
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    _check_attention(None, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_scale, v_scale,
+                     softmax_scale,
+                     attention_fn=lambda q, k, v: _Emulated.apply(q, k, v, causal, scale))
+
+
 def _check_attention(backend, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_scale, v_scale,
-                     softmax_scale):
+                     softmax_scale, attention_fn=None):
     def tensor(seqlen, heads, scale):
         if layout == "heads-first":  # (B, H, S, D) storage seen as (B, S, H, D)
             return make((b, heads, seqlen, d), dtype, scale).transpose(1, 2)
@@ -297,8 +349,11 @@ def _check_attention(backend, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_s
     q, k, v = tensor(sq, hq, qk_scale), tensor(sk, hkv, qk_scale), tensor(sk, hkv, v_scale)
     ref = lambda q_, k_, v_, upcast=True: reference.attention(  # noqa: E731
         q_, k_, v_, causal=causal, softmax_scale=softmax_scale, upcast=upcast)
-    _require(_supported(lambda: lk.flash_attention(q[:1, :1], k[:1, :1], v[:1, :1],
-                                                    causal=causal, backend=backend)))
+    if attention_fn is None:
+        _require(_supported(lambda: lk.flash_attention(q[:1, :1], k[:1, :1], v[:1, :1],
+                                                        causal=causal, backend=backend)))
+        attention_fn = lambda q_, k_, v_: lk.flash_attention(  # noqa: E731
+            q_, k_, v_, causal=causal, softmax_scale=softmax_scale, backend=backend)
     _require(_ref_fits(dtype, ref, [q, k, v]))
 
     def from_rounded_out(grad_outs):
@@ -311,10 +366,7 @@ def _check_attention(backend, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_s
         return reference.attention_backward(grad_outs[0], qf, kf, vf, out.to(dtype).float(),
                                             lse, causal=causal, softmax_scale=softmax_scale)
 
-    check_fwd_bwd(lambda q_, k_, v_: lk.flash_attention(q_, k_, v_, causal=causal,
-                                                        softmax_scale=softmax_scale,
-                                                        backend=backend),
-                  ref, [q, k, v], grad_baseline=from_rounded_out)
+    check_fwd_bwd(attention_fn, ref, [q, k, v], grad_baseline=from_rounded_out)
 
 
 # ------------------------------------------------------------------------------ regressions

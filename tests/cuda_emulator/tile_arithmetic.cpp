@@ -23,14 +23,18 @@ int lk_tile_needs_mask(int m_block, int n_block, int block_m, int block_n, int s
 int lk_swizzle(int d, int row, int col) {
   return d == 64 ? fa::swizzle<64>(row, col) : fa::swizzle<128>(row, col);
 }
-// The tiles of each launch configuration: {D, forward BLOCK_M, BLOCK_N, dK/dV keys, dK/dV
-// query step, dQ queries, dQ key step}.
+// The tiles of each launch configuration: {D, forward BLOCK_M, BLOCK_N, threads, shared
+// bytes; dK/dV keys, query step, threads, shared bytes; dQ queries, key step, threads, shared
+// bytes}.
 void lk_tiles(int d, int* out) {
   fa::with_head_dim(d, [&](auto config) {
     using C = decltype(config);
-    const int v[7] = {C::Fwd::D, C::Fwd::BLOCK_M, C::Fwd::BLOCK_N, C::Dkdv::BLOCK_OWN,
-                      C::Dkdv::BLOCK_STEP, C::Dq::BLOCK_OWN, C::Dq::BLOCK_STEP};
-    for (int i = 0; i < 7; ++i) out[i] = v[i];
+    const int v[13] = {C::Fwd::D,          C::Fwd::BLOCK_M,     C::Fwd::BLOCK_N,
+                       C::Fwd::THREADS,    C::Fwd::SMEM_BYTES,  C::Dkdv::BLOCK_OWN,
+                       C::Dkdv::BLOCK_STEP, C::Dkdv::THREADS,   C::Dkdv::SMEM_BYTES,
+                       C::Dq::BLOCK_OWN,   C::Dq::BLOCK_STEP,   C::Dq::THREADS,
+                       C::Dq::SMEM_BYTES};
+    for (int i = 0; i < 13; ++i) out[i] = v[i];
   });
 }
 }
