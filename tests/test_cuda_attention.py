@@ -4,11 +4,12 @@ Without a GPU the very kernel source runs on the host: tests/cuda_emulator compi
 against an emulation of the tensor-core primitives it is written in (csrc/tensor_core.cuh:
 mma.m16n8k16 fragment layouts, ldmatrix, asynchronous cp.async that lands only at its wait,
 shuffles, barriers with deadlock detection), one fiber per CUDA thread. That proves the
-fragment, swizzle, mask and pipeline arithmetic against reference.py; what it cannot prove
-(timing, races between warps that the emulator's round-robin order hides, the real hardware)
-is the GPU half's job: the same cases through lk.flash_attention(backend="cuda") and the
-GPU-only shapes, against the reference and the Triton backend, and compute-sanitizer in
-scripts/gpu_check.sh.
+fragment, swizzle, mask and pipeline arithmetic against reference.py. Races between warps show
+under the emulator's random schedules (LLAMA_KERNELS_EMULATOR_SEED=<n>; test_cuda_emulator runs
+the attention kernels under a few seeds and demands bitwise-equal results). What it cannot prove
+(timing, the memory model of the real hardware) is the GPU half's job: the same cases through
+lk.flash_attention(backend="cuda") and the GPU-only shapes, against the reference and the Triton
+backend, and compute-sanitizer in scripts/gpu_check.sh.
 
 Tolerance: helpers.assert_close (twice eager PyTorch's error in the same dtype, STYLE.md rule
 8), as for the Triton attention: the kernels round P (and dS) to the input dtype before the

@@ -4,17 +4,21 @@ The attention kernels are checked on the CPU by running them on this emulator, s
 itself must be right: the mma / ldmatrix fragment layouts give torch's matmul, pack2 turns an
 accumulator into an A fragment, shuffles read the right lane, fp16/bf16 conversions round like
 torch, and the bugs it promises to report (reading a cp.async tile before waiting, bad
-addresses, deadlocks) are reported. The kernels under test are in primitives_selftest.cpp.
+addresses, deadlocks) are reported. The random schedules (schedule_seed != 0) are reproducible,
+differ between seeds, run warps far ahead of each other, and expose a missing barrier between
+warps that round-robin hides. The kernels under test are in primitives_selftest.cpp.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 
 import pytest
 import torch
 
 import cuda_emulator as emu
+from helpers import poisoned
 
 OK, WHY = emu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"CUDA emulator: {WHY}")
@@ -29,9 +33,12 @@ _SIGS = {
     "selftest_chain": [_I, _P, _P, _P, _P],
     "selftest_shfl": [_P, _P, _P, _I, _I, _I],
     "selftest_reuse": [_P, _P],
+    "selftest_race": [_P, _P, _I, _I],
+    "selftest_order": [_P, _I, _I],
     "selftest_deadlock": [_I],
     "selftest_fault": [_I],
 }
+SEEDS = range(1, 9)  # the random schedules each schedule test tries
 
 
 @pytest.fixture(scope="module")
@@ -131,20 +138,25 @@ def test_exit_with_copies_in_flight_is_an_error(lib):
         emu.call(lib.selftest_gemm, 0, 1, 2, 32, a.data_ptr(), b.data_ptr(), c.data_ptr())
 
 
+@pytest.mark.parametrize("seed", [0, 5], ids=["round-robin", "seed5"])
 @pytest.mark.parametrize("variant, message", [
     (0, r"deadlock: 32 thread\(s\) wait at block_sync, 0 at a warp collective \(\), 32 exited"),
     (1, r"deadlock: 33 thread\(s\) wait at block_sync, 31 at a warp collective \(shfl_xor\)"),
     (2, r"deadlock: 0 thread\(s\) wait at block_sync, 32 at a warp collective \(shfl_xor\), "
         r"32 exited"),
-    (3, r"warp divergence: lanes of warp 0 call different collectives"),
+    # Which warp meets the divergence first depends on the schedule.
+    (3, r"warp divergence: lanes of warp [01] call different collectives"),
 ], ids=["exited-vs-block_sync", "block_sync-vs-shfl", "half-warp-shfl", "divergent"])
-def test_deadlock_is_reported(lib, variant, message):
-    with pytest.raises(emu.EmulatorError, match=message):
-        emu.call(lib.selftest_deadlock, variant)
+def test_deadlock_is_reported(lib, variant, message, seed):
+    with pytest.raises(emu.EmulatorError, match=message) as error:
+        emu.call(lib.selftest_deadlock, variant, lib=lib, schedule_seed=seed)
+    # An error under a random schedule names the seed that reproduces it.
+    assert str(error.value).endswith(f" [schedule seed {seed}]") == bool(seed), error.value
 
 
-def test_balanced_barriers_are_not_a_deadlock(lib):
-    emu.call(lib.selftest_deadlock, 4)
+@pytest.mark.parametrize("seed", [0, 5], ids=["round-robin", "seed5"])
+def test_balanced_barriers_are_not_a_deadlock(lib, seed):
+    emu.call(lib.selftest_deadlock, 4, lib=lib, schedule_seed=seed)
 
 
 @pytest.mark.parametrize("which, message", [
@@ -163,6 +175,120 @@ def test_bad_access_is_reported(lib, which, message):
     emu.call(lib.selftest_fault, 0)  # the same kernel, done right, passes
     with pytest.raises(emu.EmulatorError, match=message):
         emu.call(lib.selftest_fault, which)
+
+
+# ------------------------------------------------------------------------------ schedules
+
+_TILES = 4
+
+
+def _race(lib, src, barrier: int, seed: int) -> torch.Tensor:
+    """(tiles, warps, lanes, 4) ldmatrix words of race_kernel, as int64 in [0, 2**32)."""
+    words = torch.zeros(_TILES * 2 * 32 * 4, dtype=torch.int32)
+    emu.call(lib.selftest_race, src.data_ptr(), words.data_ptr(), _TILES, barrier, lib=lib,
+             schedule_seed=seed)
+    return words.view(_TILES, 2, 32, 4).to(torch.int64) & 0xFFFFFFFF
+
+
+def _race_ref(src) -> torch.Tensor:
+    """What race_kernel reads when it is race-free: warp w, tile t, rows 32(1-w).. of tile t."""
+    tiles = src.view(_TILES, 2, 32, 8)
+    return torch.stack([torch.stack([_ldmatrix_x4_ref(tiles[t, 1 - w]) for w in range(2)])
+                        for t in range(_TILES)])
+
+
+def test_missing_barrier_shows_under_random_schedules(lib):
+    """A warp overwriting (cp.async) a shared tile the other warp may still be reading, with no
+    block_sync between the read and the copy: round-robin happens to order it right, random
+    schedules run one warp ahead and show the race; the same kernel with the barrier is right
+    under every schedule."""
+    src = torch.randint(0, 1 << 15, (_TILES * 512,), dtype=torch.int16)
+    ref = _race_ref(src)
+    for seed in (0, *SEEDS):
+        assert torch.equal(_race(lib, src, 1, seed), ref), f"with the barrier, seed {seed}"
+    assert torch.equal(_race(lib, src, 0, 0), ref), "round-robin is expected to hide the race"
+    # What a too-early read can see: the poison of the next tile's copy or that tile itself.
+    next_tile = torch.cat([ref[1:], ref[-1:]])
+    seen_poison = []
+    for seed in SEEDS:
+        got = _race(lib, src, 0, seed)
+        wrong = got != ref
+        assert (got[wrong] == 0xFFFFFFFF).logical_or(got[wrong] == next_tile[wrong]).all(), seed
+        if (got == 0xFFFFFFFF).any():
+            seen_poison.append(seed)
+    assert seen_poison, f"no seed in {list(SEEDS)} exposed the missing barrier"
+
+
+def _order(lib, seed: int, warps: int = 4, steps: int = 16) -> torch.Tensor:
+    order = torch.full((warps * steps,), -1, dtype=torch.int32)
+    emu.call(lib.selftest_order, order.data_ptr(), warps, steps, lib=lib, schedule_seed=seed)
+    return order.view(warps, steps)
+
+
+def test_random_schedule_is_reproducible(lib):
+    src = torch.randint(0, 1 << 15, (_TILES * 512,), dtype=torch.int16)
+    for seed in (1, 2, 3):
+        assert torch.equal(_order(lib, seed), _order(lib, seed)), seed
+        assert torch.equal(_race(lib, src, 0, seed), _race(lib, src, 0, seed)), seed
+
+
+def test_seeds_give_different_interleavings(lib):
+    """Round-robin passes the warps through each collective in lockstep; every seed orders them
+    its own way, and some let one warp finish all its steps before another takes its first."""
+    warps, steps = 4, 16
+    rr = _order(lib, 0, warps, steps)
+    assert torch.equal(rr, torch.arange(warps * steps).view(steps, warps).t())
+    orders = {seed: _order(lib, seed, warps, steps) for seed in SEEDS}
+    for seed, o in orders.items():
+        assert torch.equal(o.flatten().sort().values, torch.arange(warps * steps)), seed
+        assert not torch.equal(o, rr), seed
+    for (s1, o1), (s2, o2) in itertools.combinations(orders.items(), 2):
+        assert not torch.equal(o1, o2), (s1, s2)
+
+    def lead(o):  # the most steps one warp has done before another's first
+        return max(int((o[w] < o[x, 0]).sum()) for w in range(warps) for x in range(warps)
+                   if x != w)
+    assert lead(rr) == 1
+    assert max(lead(o) for o in orders.values()) == steps
+
+
+@pytest.mark.parametrize("shape", [(1, 70, 70, 2, 1, 64), (1, 40, 150, 2, 1, 128)],
+                         ids=["s70-h2/1-d64", "q40-k150-d128"])
+def test_attention_is_schedule_independent(shape):
+    """The CUDA attention kernels give bitwise the same out, lse, dq, dk, dv under random
+    schedules as under round-robin: no barrier between warps is missing (the products are
+    computed in a fixed order, so any difference is a race)."""
+    b, sq, sk, hq, hkv, d = shape
+    q, k, v = (poisoned((b, s, h, d), torch.float16) for s, h in ((sq, hq), (sk, hkv), (sk, hkv)))
+    dout = torch.randn(q.shape).half()
+
+    def run(seed):
+        out, lse = emu.flash_forward(q, k, v, True, d ** -0.5, schedule_seed=seed)
+        return (out, lse, *emu.flash_backward(dout, q, k, v, out, lse, True, d ** -0.5,
+                                              schedule_seed=seed))
+    base = run(0)
+    assert not any(torch.isnan(t).any() for t in base)
+    for seed in (1, 2, 3):
+        for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), run(seed), base):
+            assert torch.equal(got, want), f"{name} differs under schedule seed {seed}"
+
+
+def test_seed_from_the_environment(monkeypatch):
+    seen = []
+    real = emu._invoke
+    monkeypatch.setattr(emu, "_invoke", lambda *a, **kw: seen.append(a[3]) or real(*a, **kw))
+    q = k = v = poisoned((1, 1, 1, 64), torch.float16)
+    for env, keyword, want in (("", None, 0), ("7", None, 7), ("0x10", None, 16), ("7", 0, 0),
+                               ("7", 3, 3)):
+        monkeypatch.setenv(emu.SEED_ENV, env)
+        emu.flash_forward(q, k, v, True, 0.125, schedule_seed=keyword)
+        assert seen[-1] == want, (env, keyword)
+    monkeypatch.delenv(emu.SEED_ENV)
+    assert emu.schedule_seed_from_env() == 0
+    for bad in ("x", "-1", str(1 << 64)):
+        monkeypatch.setenv(emu.SEED_ENV, bad)
+        with pytest.raises(ValueError, match=emu.SEED_ENV):
+            emu.flash_forward(q, k, v, True, 0.125)
 
 
 # ------------------------------------------------------------------------------ conversions

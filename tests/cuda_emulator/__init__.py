@@ -3,8 +3,10 @@ against tests/cuda_emulator/emulator.h, an emulation of csrc/tensor_core.cuh.
 
     build(name, sources)    -> ctypes.CDLL, cached by a hash of the sources and the headers
     available()             -> (ok, reason): whether this machine can build the emulator
-    flash_forward(q, k, v, causal, softmax_scale)                    -> (out, lse)
-    flash_backward(dout, q, k, v, out, lse, causal, softmax_scale)   -> (dq, dk, dv)
+    call(fn, *args, lib=, schedule_seed=)   run an entry point, raise its error
+    flash_forward(q, k, v, causal, softmax_scale, schedule_seed=None)              -> (out, lse)
+    flash_backward(dout, q, k, v, out, lse, causal, softmax_scale, schedule_seed=None)
+                                                                               -> (dq, dk, dv)
 
 The wrappers take CPU fp16/bf16 tensors q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) with any
 strides whose last is 1 (rows not 16-byte aligned are copied first, as flash_attention.cu
@@ -12,6 +14,19 @@ does), and return contiguous outputs that were allocated between NaN guard bands
 writing past an output's ends fails the call. Every input and output span is
 registered with the emulator, so a cp.async reading outside them fails too. Emulator errors
 (bounds, deadlocks, cp.async misuse) raise EmulatorError with the emulator's message.
+
+Schedules: each CUDA thread is a fiber. With schedule_seed 0 they run round-robin, so the warps
+of a block advance in lockstep; any other seed (up to 2**64 - 1) runs a reproducible
+pseudo-random schedule that interleaves warps at random and lets one warp run far ahead of the
+others (tests/cuda_emulator/emulator.h), so that a missing barrier between warps shows as
+poison under some seeds. flash_forward / flash_backward take schedule_seed=None to mean the
+environment variable
+
+    LLAMA_KERNELS_EMULATOR_SEED   the schedule seed (decimal, or 0x hex; unset or empty: 0)
+
+so that a whole test run can be repeated under other schedules, e.g.
+LLAMA_KERNELS_EMULATOR_SEED=3 pytest -k emulated tests/test_cuda_attention.py. Errors raised
+under a seed end with "[schedule seed N]".
 """
 
 from __future__ import annotations
@@ -38,7 +53,9 @@ FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
 HEAD_DIMS = (64, 128)
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _ERR_BYTES = 4096
-# The emulator's state (launch coordinates, registered ranges) is process-global C++ state.
+SEED_ENV = "LLAMA_KERNELS_EMULATOR_SEED"
+# The emulator's state (launch coordinates, registered ranges, schedule seed) is process-global
+# C++ state.
 _LOCK = threading.Lock()
 
 
@@ -67,6 +84,24 @@ def _headers(include_dirs) -> list[str]:
     return sorted(found)
 
 
+def schedule_seed_from_env() -> int:
+    """The seed in LLAMA_KERNELS_EMULATOR_SEED, or 0 (round-robin) where it is unset or empty."""
+    text = os.environ.get(SEED_ENV, "").strip()
+    if not text:
+        return 0
+    try:
+        seed = int(text, 0)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={text!r}: expected an integer seed") from None
+    return _check_seed(seed, SEED_ENV)
+
+
+def _check_seed(seed: int, name: str = "schedule_seed") -> int:
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"{name}: a schedule seed is in [0, 2**64), got {seed}")
+    return seed
+
+
 def build(name: str, sources, include_dirs=()) -> ctypes.CDLL:
     """Compile `sources` (paths relative to tests/cuda_emulator/, or absolute) into one library.
 
@@ -92,14 +127,40 @@ def build(name: str, sources, include_dirs=()) -> ctypes.CDLL:
         if proc.returncode != 0:
             raise EmulatorError(f"g++ failed building {name}:\n{proc.stderr[-6000:]}")
         os.replace(tmp, lib)  # atomic: parallel test workers never load a half-written file
-    return ctypes.CDLL(lib)
+    dll = ctypes.CDLL(lib)
+    dll.emu_set_schedule_seed.argtypes = [ctypes.c_uint64]  # defined in emulator.h
+    dll.emu_set_schedule_seed.restype = None
+    return dll
 
 
-def call(fn, *args) -> None:
-    """Call an entry point taking (..., char* err, size_t err_len); raise its error, if any."""
+def call(fn, *args, lib: ctypes.CDLL | None = None, schedule_seed: int = 0) -> None:
+    """Call an entry point taking (..., char* err, size_t err_len); raise its error, if any.
+
+    Its launches run under `schedule_seed` (0: round-robin), which needs `lib`, the library
+    that fn is from (build's result).
+    """
+    if lib is None and schedule_seed:
+        raise ValueError("call: a schedule_seed needs lib, the library fn is from")
+    _invoke(lib, fn, args, schedule_seed)
+
+
+def _invoke(lib, fn, args, schedule_seed: int, tensors=()) -> None:
+    """fn(*args, err, err_len) under the lock, with `lib`'s schedule seed set for the call
+    only and the spans of `tensors` registered as the global memory cp.async may read."""
+    _check_seed(schedule_seed)
     err = ctypes.create_string_buffer(_ERR_BYTES)
     with _LOCK:
-        rc = fn(*args, err, ctypes.c_size_t(_ERR_BYTES))
+        if tensors:
+            lib.emu_clear_globals()
+            for t in tensors:
+                lib.emu_register_global(t.data_ptr(), _span_bytes(t))
+        if lib is not None:
+            lib.emu_set_schedule_seed(schedule_seed)
+        try:
+            rc = fn(*args, err, ctypes.c_size_t(_ERR_BYTES))
+        finally:
+            if lib is not None:
+                lib.emu_set_schedule_seed(0)
     if rc != 0:
         raise EmulatorError(err.value.decode(errors="replace"))
 
@@ -210,40 +271,39 @@ def _band(shape) -> int:
     return max(1024, 128 * math.prod(shape[2:]))
 
 
-def _run(lib, fn, tensors, *args) -> None:
-    """Register the spans of `tensors` as the global memory cp.async may read, then call fn."""
-    err = ctypes.create_string_buffer(_ERR_BYTES)
-    with _LOCK:
-        lib.emu_clear_globals()
-        for t in tensors:
-            lib.emu_register_global(t.data_ptr(), _span_bytes(t))
-        rc = fn(*args, err, _ERR_BYTES)
-    if rc != 0:
-        raise EmulatorError(err.value.decode(errors="replace"))
+def _seed(schedule_seed: int | None) -> int:
+    return schedule_seed_from_env() if schedule_seed is None else _check_seed(schedule_seed)
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32, natural log."""
+                  softmax_scale: float, *, schedule_seed: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32, natural log. schedule_seed:
+    0 round-robin, else a random schedule; None: LLAMA_KERNELS_EMULATOR_SEED, else 0."""
+    seed = _seed(schedule_seed)
     _check_qkv(q, k, v)
     q, k, v = (_rows_16b(t) for t in (q, k, v))
     b, sq, hq, d = q.shape
     out = _Guarded(q.shape, q.dtype, _band(q.shape))
     lse = _Guarded((b, hq, sq), torch.float32, 1024)
     lib = _attention_lib()
-    _run(lib, lib.flash_forward_emu, (q, k, v, out.view, lse.view),
-         _DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.view.data_ptr(),
-         lse.view.data_ptr(), _strides(q, k, v, out.view), _sizes(q, k), softmax_scale,
-         int(causal))
+    _invoke(lib, lib.flash_forward_emu,
+            (_DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+             out.view.data_ptr(), lse.view.data_ptr(), _strides(q, k, v, out.view), _sizes(q, k),
+             softmax_scale, int(causal)),
+            seed, tensors=(q, k, v, out.view, lse.view))
     out.check("out")
     lse.check("lse")
     return out.view, lse.view
 
 
 def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float
+                   out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float, *,
+                   schedule_seed: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (contiguous, shapes and dtype of q, k, v) from the forward's out and lse."""
+    """dq, dk, dv (contiguous, shapes and dtype of q, k, v) from the forward's out and lse.
+    schedule_seed as for flash_forward."""
+    seed = _seed(schedule_seed)
     _check_qkv(q, k, v)
     for t, name in ((out, "out"), (dout, "dout")):
         _check_bshd(t, name, q.dtype)
@@ -258,10 +318,12 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     grads = [_Guarded(t.shape, t.dtype, _band(t.shape)) for t in (q, k, v)]
     dq, dk, dv = (g.view for g in grads)
     lib = _attention_lib()
-    _run(lib, lib.flash_backward_emu, (q, k, v, out, dout, lse, dq, dk, dv),
-         _DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-         dout.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-         _strides(q, k, v, out, dout, dq, dk, dv), _sizes(q, k), softmax_scale, int(causal))
+    _invoke(lib, lib.flash_backward_emu,
+            (_DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+             dout.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+             _strides(q, k, v, out, dout, dq, dk, dv), _sizes(q, k), softmax_scale,
+             int(causal)),
+            seed, tensors=(q, k, v, out, dout, lse, dq, dk, dv))
     for g, name in zip(grads, ("dq", "dk", "dv")):
         g.check(name)
     return dq, dk, dv

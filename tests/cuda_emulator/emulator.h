@@ -4,8 +4,20 @@
 // What it is for: checking fragment layouts, swizzles, masks and pipeline order without a GPU.
 // The kernels reach the hardware only through llama_kernels::tc (csrc/tensor_core.cuh), so
 // emulating those dozen functions with their PTX semantics is enough. Each CUDA thread is a
-// fiber (ucontext) on one OS thread, scheduled round-robin, deterministically; a thread runs
-// until it waits at a barrier. Bugs that would be silent or flaky on a GPU are made loud:
+// fiber (ucontext) on one OS thread; a thread runs until it waits at a barrier (a warp
+// collective or block_sync). Two schedules, both deterministic (set_schedule_seed):
+//   - seed 0 (the default): round-robin over the threads, so the warps of a block advance in
+//     lockstep, one collective at a time;
+//   - seed != 0: a reproducible pseudo-random schedule. The scheduler stays on one warp for a
+//     burst of a random length (1 to 16384 resumptions, about log-uniform: from fine
+//     interleaving to one warp running hundreds of collectives ahead of the others, up to its
+//     next block_sync; a collective takes two resumptions per lane), resuming a random
+//     runnable lane of it each time, then picks a random warp for the next burst; a thread may
+//     also be preempted at cp.async issue and wait. Barriers stay exact: a thread waiting at
+//     one is not runnable until it is released. Races between warps that lockstep happens to
+//     order right (a missing block_sync before overwriting a tile another warp still reads)
+//     show through the poison below under some seeds.
+// Bugs that would be silent or flaky on a GPU are made loud:
 //   - shared memory starts as 0xFF bytes (NaN in fp16 and bf16), and cp.async poisons its
 //     destination when issued and copies only at cp_async_wait, so reading a tile before
 //     waiting for it (or a missing sync before overwriting one) shows up as NaN;
@@ -14,8 +26,9 @@
 //   - deadlocks (barriers some threads never reach), warp collectives called divergently,
 //     threads that exit with cp.async copies in flight, and over-limit launches throw
 //     std::runtime_error, to be caught at the extern "C" boundary.
-// Not emulated: timing, static __shared__, atomics, bank conflicts, memory-model races between
-// warps (warps interleave only at barriers, so a race shows only through the poison above).
+// Not emulated: timing, static __shared__, atomics, bank conflicts, the memory model (threads
+// switch only at collectives, barriers and, with a seed, cp.async: a race between plain loads
+// and stores with none of those in between shows only as wrong values, not as poison).
 #pragma once
 
 #define LLAMA_KERNELS_EMULATOR 1
@@ -200,8 +213,18 @@ struct State {
   int block_arrived = 0;
   uint64_t block_gen = 0;
   std::string error;
+  uint64_t schedule_seed = 0;  // 0: round-robin; otherwise the seed of the random schedule
+  uint64_t rng = 0;            // splitmix64 state, reset to the seed at every launch
 };
 inline State g;
+
+// splitmix64 (Steele, Lea, Flood 2014): any state, including small seeds, gives a good stream.
+inline uint64_t next_random() {
+  uint64_t z = (g.rng += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
 
 [[noreturn]] inline void fail(const std::string& what) {
   const Fiber* f = g.current;
@@ -238,6 +261,12 @@ inline void check_global(const void* p, size_t bytes, const char* what) {
 
 // Switch back to the scheduler; it resumes this fiber once its wait (if any) is satisfied.
 inline void yield() { swapcontext(&g.current->ctx, &g.scheduler); }
+
+// Under a random schedule, give the scheduler a chance (1 in 4) to run another thread here:
+// a point between barriers where the order of threads matters (cp.async issue and wait).
+inline void maybe_preempt() {
+  if (g.schedule_seed != 0 && next_random() % 4 == 0) yield();
+}
 
 inline void wait_for(const uint64_t* gen, const char* what) {
   Fiber& f = *g.current;
@@ -297,6 +326,33 @@ inline void fiber_entry() {
   f.done = true;  // returning switches to uc_link, the scheduler
 }
 
+inline bool runnable(const Fiber& f) {
+  return !f.done && !(f.wait_gen && *f.wait_gen == f.wait_seen);
+}
+
+// A uniformly random runnable lane of warp w, or null if none is.
+inline Fiber* random_runnable_lane(int w) {
+  Fiber* candidates[32];
+  int n = 0;
+  for (int l = 0; l < g.warps[w].lanes; ++l)
+    if (runnable(g.fibers[32 * w + l])) candidates[n++] = &g.fibers[32 * w + l];
+  return n ? candidates[next_random() % n] : nullptr;
+}
+
+// A uniformly random warp with a runnable lane, or -1 if none has one (a deadlock).
+inline int random_runnable_warp() {
+  int candidates[kMaxThreads / 32], n = 0;
+  for (size_t w = 0; w < g.warps.size(); ++w) {
+    for (int l = 0; l < g.warps[w].lanes; ++l) {
+      if (runnable(g.fibers[32 * w + l])) {
+        candidates[n++] = static_cast<int>(w);
+        break;
+      }
+    }
+  }
+  return n ? candidates[next_random() % n] : -1;
+}
+
 inline std::string deadlock_report() {
   int exited = 0, at_block = 0, at_warp = 0;
   std::string ops;
@@ -332,19 +388,40 @@ inline void run_block(size_t nthreads) {
     makecontext(&f.ctx, fiber_entry, 0);
   }
   size_t live = nthreads;
-  while (live > 0) {
-    bool progressed = false;
-    for (Fiber& f : g.fibers) {
-      if (f.done || (f.wait_gen && *f.wait_gen == f.wait_seen)) continue;
-      threadIdx = f.tid;
-      g.current = &f;
-      swapcontext(&g.scheduler, &f.ctx);
-      g.current = nullptr;
-      progressed = true;
-      if (!g.error.empty()) throw std::runtime_error(g.error);
-      if (f.done) --live;
+  auto resume = [&live](Fiber& f) {
+    threadIdx = f.tid;
+    g.current = &f;
+    swapcontext(&g.scheduler, &f.ctx);
+    g.current = nullptr;
+    if (!g.error.empty()) throw std::runtime_error(g.error);
+    if (f.done) --live;
+  };
+  if (g.schedule_seed == 0) {
+    while (live > 0) {
+      bool progressed = false;
+      for (Fiber& f : g.fibers) {
+        if (!runnable(f)) continue;
+        resume(f);
+        progressed = true;
+      }
+      if (!progressed) throw std::runtime_error(deadlock_report());
     }
-    if (!progressed) throw std::runtime_error(deadlock_report());
+    return;
+  }
+  int warp = -1;
+  uint64_t burst = 0;  // resumptions left on `warp` before the next random pick of a warp
+  while (live > 0) {
+    Fiber* f = burst > 0 ? random_runnable_lane(warp) : nullptr;
+    if (!f) {
+      warp = random_runnable_warp();
+      if (warp < 0) throw std::runtime_error(deadlock_report());
+      // Uniform in [1, 2^e], e uniform in 0..14: short bursts (fine interleaving) as often as
+      // long ones (one warp through hundreds of collectives while the others stand still).
+      burst = 1 + next_random() % (uint64_t(1) << (next_random() % 15));
+      f = random_runnable_lane(warp);
+    }
+    --burst;
+    resume(*f);
   }
 }
 
@@ -368,6 +445,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::functi
   g.warps.assign((nthreads + 31) / 32, Warp());
   g.body = &body;
   g.error.clear();
+  g.rng = g.schedule_seed;  // each launch replays the seed's schedule from its start
   struct Cleanup {  // stacks and state go even when a block throws
     ~Cleanup() {
       for (Fiber& f : g.fibers)
@@ -406,6 +484,11 @@ inline void register_global(const void* ptr, size_t bytes) {
 }
 inline void clear_globals() { detail::g.globals.clear(); }
 
+// 0 (the default): round-robin; any other value: the random schedule it seeds (see the top of
+// this file). Applies to the launches that follow, until set again.
+inline void set_schedule_seed(uint64_t seed) { detail::g.schedule_seed = seed; }
+inline uint64_t schedule_seed() { return detail::g.schedule_seed; }
+
 // kernel(args...) on every thread of every block; blocks run one after another.
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
@@ -421,7 +504,15 @@ int call_c(char* err, size_t err_len, Fn&& fn) {
   try {
     fn();
   } catch (const std::exception& e) {
-    if (err && err_len) std::snprintf(err, err_len, "%s", e.what());
+    const uint64_t seed = schedule_seed();
+    if (err && err_len) {
+      if (seed) {
+        std::snprintf(err, err_len, "%s [schedule seed %llu]", e.what(),
+                      static_cast<unsigned long long>(seed));
+      } else {
+        std::snprintf(err, err_len, "%s", e.what());
+      }
+    }
     rc = 1;
   }
   clear_globals();
@@ -441,6 +532,12 @@ void with_dtype(int dtype, Fn&& fn) {
 }
 
 }  // namespace emu
+
+// Every library built on this header exports the seed's setter (the Python wrapper sets it
+// around each call); `used` emits the inline definition even where nothing calls it.
+extern "C" __attribute__((used)) inline void emu_set_schedule_seed(uint64_t seed) {
+  emu::set_schedule_seed(seed);
+}
 
 // ------------------------------------------------------------------ tc:: primitives
 
@@ -565,11 +662,13 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pre
   std::memset(dst, 0xFF, 16);
   emu::detail::Fiber& f = *emu::detail::g.current;
   f.pending.push_back({dst, src, pred, f.open_group});
+  emu::detail::maybe_preempt();  // others may run while the destination holds the poison
 }
 __device__ __forceinline__ void cp_async_commit() { ++emu::detail::g.current->open_group; }
 // Performs, in issue order, the copies of every committed group but the N most recent.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+  emu::detail::maybe_preempt();  // others may run before this thread's copies land
   emu::detail::Fiber& f = *emu::detail::g.current;
   std::vector<emu::detail::PendingCopy> still;
   for (const auto& c : f.pending) {

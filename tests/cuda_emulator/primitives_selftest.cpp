@@ -158,6 +158,58 @@ void reuse_kernel(const ReuseParams p) {
   }
 }
 
+// ---------------------------------------------------------------- schedules
+// A two-warp pipeline over `tiles` tiles of [64][8] 16-bit values in one shared buffer: thread
+// t copies row t, and each warp reads (ldmatrix_x4) the 32 rows the *other* warp copies,
+// out[tile][warp][32][4]. With barrier = 1 a block_sync separates the reads of a tile from the
+// copies of the next into the same buffer; with barrier = 0 it is missing, an inter-warp race
+// that round-robin hides (each warp reads a tile in the same round as the other, before
+// either issues the next) but a schedule that runs one warp ahead exposes: the other warp
+// reads rows the first has already re-issued (poison) or even landed (the next tile).
+struct RaceParams {
+  const uint16_t* src;  // tiles x 64 x 8 values
+  uint32_t* out;
+  int tiles;
+  int barrier;
+};
+
+void race_kernel(const RaceParams p) {
+  char* buf = tc::dynamic_smem();  // [64][16 bytes]
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  tc::cp_async_16(buf + 16 * t, p.src + 8 * t, true);
+  tc::cp_async_commit();
+  for (int tile = 0; tile < p.tiles; ++tile) {
+    tc::cp_async_wait<0>();
+    tc::block_sync();  // this tile has landed
+    uint32_t r[4];
+    tc::ldmatrix_x4(r, buf + 16 * (32 * (1 - warp) + lane));
+    if (p.barrier) tc::block_sync();  // every warp is done reading this tile
+    if (tile + 1 < p.tiles) tc::cp_async_16(buf + 16 * t, p.src + 512 * (tile + 1) + 8 * t, true);
+    tc::cp_async_commit();
+    // Work on the tile (while the next one is in flight): a few collectives.
+    float x = float(lane);
+    for (int m = 1; m < 32; m *= 2) x += tc::shfl_xor(x, m);
+    for (int i = 0; i < 4; ++i) p.out[((tile * 2 + warp) * 32 + lane) * 4 + i] = r[i];
+  }
+}
+
+// The order in which warps pass `steps` collectives: lane 0 of warp w takes the next value of
+// a block-wide counter after each, order[w][step]. Round-robin gives lockstep; a random
+// schedule its own, reproducible order per seed.
+struct OrderParams {
+  int* order;
+  int* counter;
+  int steps;
+};
+
+void order_kernel(const OrderParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int step = 0; step < p.steps; ++step) {
+    tc::shfl_xor(float(step), 1);
+    if (lane == 0) p.order[warp * p.steps + step] = (*p.counter)++;
+  }
+}
+
 // ---------------------------------------------------------------- broken kernels
 void deadlock_kernel(const int variant) {
   const int t = threadIdx.x, lane = t % 32;
@@ -307,6 +359,23 @@ int selftest_reuse(const uint16_t* src, uint32_t* out, char* err, size_t err_len
   return emu::call_c(err, err_len, [&] {
     emu::register_global(src, 512 * 2);
     emu::launch(reuse_kernel, dim3(2), dim3(32), 512, ReuseParams{src, out});
+  });
+}
+
+// src: tiles x 512 values; out: tiles x 2 x 32 x 4 words.
+int selftest_race(const uint16_t* src, uint32_t* out, int tiles, int barrier, char* err,
+                  size_t err_len) {
+  return emu::call_c(err, err_len, [&] {
+    emu::register_global(src, size_t(tiles) * 512 * 2);
+    emu::launch(race_kernel, dim3(1), dim3(64), 1024, RaceParams{src, out, tiles, barrier});
+  });
+}
+
+// One block of `warps` warps; order holds warps x steps ints.
+int selftest_order(int* order, int warps, int steps, char* err, size_t err_len) {
+  return emu::call_c(err, err_len, [&] {
+    int counter = 0;
+    emu::launch(order_kernel, dim3(1), dim3(32 * warps), 0, OrderParams{order, &counter, steps});
   });
 }
 
