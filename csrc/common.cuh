@@ -13,7 +13,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace llama_kernels {
 
@@ -194,10 +200,65 @@ __host__ __device__ constexpr int64_t next_pow2(int64_t n) {
   return p;
 }
 
+// ------------------------------------------------------------------------------ launch queries
+//
+// Launchers size their grids by the SM count and by a kernel's occupancy. Each query is a
+// runtime call (the occupancy one also looks up the function's attributes), paid on every
+// launch if not kept: host time that a decode-sized kernel of a few microseconds cannot hide
+// (benchmarks/NOTES.md item 5). Neither answer changes during the process, so each is asked
+// once and kept: the SM count per device index, the occupancy per (kernel, threads per block,
+// dynamic shared memory, device). That key is complete only while no one changes a kernel's
+// attributes (cudaFuncSetAttribute: carve-out, max dynamic shared memory); none of the kernels
+// that use it does. Both caches are safe to use from several host threads.
+
+// Multiprocessors of a device: queried once per device index.
 inline int num_sms(int device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  // One slot per device, 0 until asked. Two threads that miss together both ask and store the
+  // same answer, so a relaxed atomic is enough (no lock on this path).
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "num_sms: invalid device index ",
+              device);
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
   return n;
+}
+
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor(kernel, block_threads, dynamic_smem) on
+// `device` (whichever device is current), queried once per key. A failed query throws and
+// caches nothing.
+inline int max_active_blocks_per_sm(const void* kernel, int block_threads, size_t dynamic_smem,
+                                    int device) {
+  using Key = std::tuple<const void*, int, size_t, int>;
+  static std::mutex mutex;
+  static std::map<Key, int> cache;  // a few dozen entries: one per launched specialization
+  const Key key{kernel, block_threads, dynamic_smem, device};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int blocks = 0;
+  {
+    // The query answers for the current device; the guard makes that `device` (the launchers
+    // hold a guard for it already) so that the answer matches its key for any caller.
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, block_threads,
+                                                                 dynamic_smem));
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+// The same for a __global__ function, passed by name (e.g. swiglu_fwd_kernel<T, 8>).
+template <typename... Args>
+int max_active_blocks_per_sm(void (*kernel)(Args...), int block_threads, size_t dynamic_smem,
+                             int device) {
+  return max_active_blocks_per_sm(reinterpret_cast<const void*>(kernel), block_threads,
+                                  dynamic_smem, device);
 }
 
 }  // namespace llama_kernels

@@ -580,15 +580,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const
   const bool aligned = rows_aligned16(x) && rows_aligned16(dy) &&
                        (!has_dh || rows_aligned16(*dh)) && is_aligned(weight.data_ptr(), 16) &&
                        is_aligned(dx.data_ptr(), 16);
+  // SM count and occupancy from common.cuh's caches: asked once per process, not per call.
+  const int device = x.get_device();
   const RowLaunch s = rms_norm_bwd_launch_settings(
-      rows, dim, x.element_size(), aligned, num_sms(x.get_device()), [&](const RowLaunch& shape) {
+      rows, dim, x.element_size(), aligned, num_sms(device), [&](const RowLaunch& shape) {
         int resident = 0;
         LK_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_bwd_cuda", [&] {
           with_row_specialization<scalar_t>(shape, [&](auto vec, auto items) {
-            C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                &resident,
+            resident = max_active_blocks_per_sm(
                 rms_norm_bwd_kernel<scalar_t, decltype(vec)::value, decltype(items)::value>,
-                shape.threads_per_row * shape.rows_per_block, 0));
+                shape.threads_per_row * shape.rows_per_block, 0, device);
           });
         });
         return resident;

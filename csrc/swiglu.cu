@@ -52,15 +52,37 @@ static_assert(swiglu_launch_settings(3, 123, 2, true, 132, full_occupancy).vec =
 // large |g|: exp overflows to inf and 1 / inf = 0; exp underflows to 0 and the result is 1.
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
-// Element (row, col) of vector i of a (rows, cols) grid of kVec-wide vectors.
-__device__ __forceinline__ void vector_position(int64_t i, int64_t vecs_per_row, int kVec,
-                                                int64_t& row, int64_t& col) {
-  row = i / vecs_per_row;
-  col = (i - row * vecs_per_row) * kVec;
-}
+// Where a thread's grid-stride walk over the vectors of a (rows, cols) grid of kVec-wide
+// vectors stands: vector i = row * vecs_per_row + col / kVec, for i = start, start + step, ...
+// The walk visits the same vectors in the same order as dividing each i by vecs_per_row, but
+// divides only twice per thread (start and step, each split into rows and columns once) and
+// then advances by additions: a 64-bit division is a long software sequence per element.
+struct GridStrideWalk {
+  int64_t row, col;             // current element: col is the first of the vector's kVec
+  int64_t step_rows, step_col;  // step = step_rows * vecs_per_row + step_col / kVec
+  int64_t row_elems;            // vecs_per_row * kVec, the column at which a row wraps
+
+  __device__ __forceinline__ GridStrideWalk(int64_t start, int64_t step, int64_t vecs_per_row,
+                                            int kVec)
+      : row(start / vecs_per_row),
+        col((start - row * vecs_per_row) * kVec),
+        step_rows(step / vecs_per_row),
+        step_col((step - step_rows * vecs_per_row) * kVec),
+        row_elems(vecs_per_row * kVec) {}
+
+  // step_col < row_elems and col < row_elems, so one wrap at most.
+  __device__ __forceinline__ void advance() {
+    row += step_rows;
+    col += step_col;
+    if (col >= row_elems) {
+      col -= row_elems;
+      ++row;
+    }
+  }
+};
 
 // out = g * sigmoid(g) * u (left to right, as reference.py), rounded once.
-// Grid-stride over the rows * cols / kVec vectors; 64-bit indices throughout.
+// Grid-stride over the rows * cols / kVec vectors (GridStrideWalk); 64-bit indices throughout.
 // Preconditions: kVec > 1 only when cols % kVec == 0 and every pointer and row stride is
 // 16-byte aligned; out contiguous and not overlapping the inputs.
 template <typename T, int kVec>
@@ -68,12 +90,10 @@ __global__ void __launch_bounds__(kThreads, 1) swiglu_fwd_kernel(
     T* __restrict__ out_ptr, const T* __restrict__ gate_ptr, const T* __restrict__ up_ptr,
     int64_t rows, int64_t cols,
     int64_t stride_gate_row, int64_t stride_up_row) {
-  const int64_t vecs_per_row = cols / kVec;
-  const int64_t n = rows * vecs_per_row;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t row, col;
-    vector_position(i, vecs_per_row, kVec, row, col);
+  for (GridStrideWalk w(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                        static_cast<int64_t>(gridDim.x) * blockDim.x, cols / kVec, kVec);
+       w.row < rows; w.advance()) {
+    const int64_t row = w.row, col = w.col;
     float g[kVec], u[kVec], out[kVec];
     vec_to_floats(load_vec<T, kVec>(gate_ptr + row * stride_gate_row + col), g);
     vec_to_floats(load_vec<T, kVec>(up_ptr + row * stride_up_row + col), u);
@@ -92,12 +112,10 @@ __global__ void __launch_bounds__(kThreads, 1) swiglu_bwd_kernel(
     const T* __restrict__ gate_ptr, const T* __restrict__ up_ptr,
     int64_t rows, int64_t cols,
     int64_t stride_dout_row, int64_t stride_gate_row, int64_t stride_up_row) {
-  const int64_t vecs_per_row = cols / kVec;
-  const int64_t n = rows * vecs_per_row;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t row, col;
-    vector_position(i, vecs_per_row, kVec, row, col);
+  for (GridStrideWalk w(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                        static_cast<int64_t>(gridDim.x) * blockDim.x, cols / kVec, kVec);
+       w.row < rows; w.advance()) {
+    const int64_t row = w.row, col = w.col;
     float d[kVec], g[kVec], u[kVec], dg[kVec], du[kVec];
     vec_to_floats(load_vec<T, kVec>(dout_ptr + row * stride_dout_row + col), d);
     vec_to_floats(load_vec<T, kVec>(gate_ptr + row * stride_gate_row + col), g);
@@ -156,15 +174,16 @@ void with_kernel(at::ScalarType dtype, int vec, const KernelOf& kernel_of, F&& f
   });
 }
 
+// The SM count and each specialization's occupancy come from common.cuh's caches: asked once
+// per process, not per call (they would cost microseconds of host time per decode-sized op).
 template <typename KernelOf>
 ElementwiseLaunch pick_launch(const at::Tensor& gate, bool aligned, const KernelOf& kernel_of) {
+  const int device = gate.get_device();
   return swiglu_launch_settings(
-      gate.size(0), gate.size(1), gate.element_size(), aligned, num_sms(gate.get_device()),
-      [&](int vec) {
+      gate.size(0), gate.size(1), gate.element_size(), aligned, num_sms(device), [&](int vec) {
         int resident = 0;
         with_kernel(gate.scalar_type(), vec, kernel_of, [&](auto kernel, auto) {
-          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel,
-                                                                       kThreads, 0));
+          resident = max_active_blocks_per_sm(kernel, kThreads, 0, device);
         });
         return resident;
       });
