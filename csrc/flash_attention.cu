@@ -116,6 +116,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   if (out.numel() == 0) return {out, lse};
   AttnParams p = make_params(q, k, v, causal, softmax_scale);
   p.o = out.data_ptr(), p.o_s = strides_of(out), p.lse = lse.data_ptr<float>();
+  p.num_splits = attention::decode_splits(p, num_sms(q.get_device()));
+  at::Tensor o_partial, lse_partial;  // the decode kernel's per-split results
+  if (p.num_splits > 1) {
+    o_partial = at::empty({p.num_splits, b, hq, sq, q.size(3)}, lse.options());
+    lse_partial = at::empty({p.num_splits, b, hq, sq}, lse.options());
+    p.o_partial = o_partial.data_ptr<float>(), p.lse_partial = lse_partial.data_ptr<float>();
+  }
   dispatch_half(q.scalar_type(), [&](auto t) {
     attention::run_forward<decltype(t)>(p, q.size(3),
                                         launcher(c10::cuda::getCurrentCUDAStream()));

@@ -46,6 +46,12 @@ struct AttnParams {
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): softmax runs on exp2
   bool causal;
+  // Forward only: 0 runs the prefill kernel; n > 0 the decode kernel with n key splits, whose
+  // fp32 partial results go to o_partial (n, B, Hq, Sq, D) and lse_partial (n, B, Hq, Sq)
+  // when n > 1 (see decode_splits).
+  int num_splits;
+  float* o_partial;
+  float* lse_partial;
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -381,6 +387,245 @@ __global__ void __launch_bounds__(Tile::THREADS)
   T* out = static_cast<T*>(p.o) + b * p.o_s.batch + h * p.o_s.head +
            int64_t(m_block) * BLOCK_M * p.o_s.row;
   store_tile<T, D, BLOCK_M, THREADS>(out, s_q, p.o_s.row, sq - m_block * BLOCK_M);
+}
+
+// ------------------------------------------------------------------------------ decode
+//
+// A few queries against a long KV cache (decoding, speculative steps): the prefill tiling would
+// leave 127 of 128 rows of a block idle and read each kv head once per query head. Here the
+// query heads of one kv group and their queries are packed into the 16 rows of one m16 tile
+// (row r = g * Sq + i: head h_kv * group + g, query i), so K and V are read once per group,
+// and the keys are split over blocks (split-KV, "flash-decoding") and, inside a block, over
+// warps: each warp takes 16 keys of every 64-key stage and keeps its own running max, sum and
+// accumulators, merged through shared memory at the end. With several splits each block writes
+// its normalized partial output and lse in fp32; flash_decode_combine_kernel merges them.
+constexpr int kDecodeRows = 16;
+
+template <int D_>
+struct DecodeTile {
+  static constexpr int D = D_, WARPS = 4, THREADS = WARPS * kWarpSize;
+  static constexpr int BLOCK_N = 16 * WARPS;  // keys per stage: 16 per warp
+  static constexpr int STAGE_BYTES = 2 * BLOCK_N * D * 2;  // K and V
+  // Q rows, two K/V stages; the warps' fp32 accumulators reuse the stages at the end.
+  static constexpr int SMEM_BYTES = kDecodeRows * D * 2 + 2 * STAGE_BYTES;
+  static_assert(WARPS * kDecodeRows * D * 4 + 2 * WARPS * kDecodeRows * 4 <= 2 * STAGE_BYTES,
+                "the merge scratch fits in the K/V stages");
+};
+
+// Key splits for a decode launch: 0 (use the prefill kernel) unless every query head of a kv
+// group and its queries fit one m16 tile; else enough splits for two blocks per SM, but at
+// least 4 stages (256 keys) per split, and no empty split.
+inline int decode_splits(const AttnParams& p, int num_sms) {
+  const int group = p.heads_q / p.heads_kv;
+  const int stages = ceil_div(p.seqlen_k, 64);
+  if (group * p.seqlen_q > kDecodeRows || stages == 0) return 0;
+  const int64_t blocks = int64_t(p.batch) * p.heads_kv;
+  int64_t splits = (2 * int64_t(num_sms) + blocks - 1) / blocks;
+  const int64_t most = ceil_div(stages, 4);
+  splits = splits < most ? splits : most;
+  splits = splits < 1 ? 1 : splits;
+  const int per_split = ceil_div(stages, int(splits));
+  return ceil_div(stages, per_split);
+}
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::THREADS) flash_decode_kernel(const AttnParams p) {
+  constexpr int D = Tile::D, BLOCK_N = Tile::BLOCK_N, THREADS = Tile::THREADS;
+  constexpr int WARPS = Tile::WARPS, DT = D / 8, CHUNKS = D / 8;
+  const int split = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  const int group = p.heads_q / p.heads_kv;
+  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const int rows = group * sq;  // <= kDecodeRows
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+
+  T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
+  T* s_k = s_q + kDecodeRows * D;       // [2][BLOCK_N][D]
+  T* s_v = s_k + 2 * BLOCK_N * D;       // [2][BLOCK_N][D]
+
+  // This split's stages [t_begin, t_end) (decode_splits leaves none empty).
+  const int stages = ceil_div(sk, BLOCK_N);
+  const int per_split = ceil_div(stages, p.num_splits);
+  const int t_begin = split * per_split;
+  const int t_end = t_begin + per_split < stages ? t_begin + per_split : stages;
+
+  // Packed Q rows: row r = (head h_kv * group + r / sq, query r % sq); rows >= `rows` are 0.
+  for (int idx = threadIdx.x; idx < kDecodeRows * CHUNKS; idx += THREADS) {
+    const int r = idx / CHUNKS, chunk = idx % CHUNKS;
+    const bool ok = r < rows;
+    const int h = h_kv * group + (ok ? r / sq : 0), i = ok ? r % sq : 0;
+    const T* src = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head +
+                   i * p.q_s.row + chunk * 8;
+    tc::cp_async_16(s_q + swizzle<D>(r, chunk * 8), src, ok);
+  }
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  auto load_stage = [&](int t, int buf) {
+    const int64_t key0 = int64_t(t) * BLOCK_N;
+    load_tile<T, D, BLOCK_N, THREADS>(s_k + buf * BLOCK_N * D, k + key0 * p.k_s.row, p.k_s.row,
+                                      sk - key0);
+    load_tile<T, D, BLOCK_N, THREADS>(s_v + buf * BLOCK_N * D, v + key0 * p.v_s.row, p.v_s.row,
+                                      sk - key0);
+  };
+  if (t_begin < t_end) load_stage(t_begin, 0);
+  tc::cp_async_commit();
+
+  float o[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const int key_in_stage = warp * 16;  // this warp's 16 keys of each stage
+
+  for (int t = t_begin; t < t_end; ++t) {
+    const int buf = (t - t_begin) & 1;
+    tc::cp_async_wait<0>();
+    tc::block_sync();  // stage t (and Q) landed; every warp is done with stage t - 1
+    if (t + 1 < t_end) load_stage(t + 1, buf ^ 1);
+    tc::cp_async_commit();
+    const T* sk_tile = s_k + buf * BLOCK_N * D;
+    const T* sv_tile = s_v + buf * BLOCK_N * D;
+
+    float s[2][4] = {};
+#pragma unroll
+    for (int kt = 0; kt < D / 16; ++kt) {
+      uint32_t a[4], b0[2], b1[2];
+      load_a<D>(a, s_q, 0, kt * 16, lane);
+      load_b_nk<D>(b0, b1, sk_tile, key_in_stage, kt * 16, lane);
+      tc::mma_16816<T>(s[0], a, b0);
+      tc::mma_16816<T>(s[1], a, b1);
+    }
+    // Scale to base 2, mask ragged ends and (causal) the keys past each query's diagonal.
+    const int key0 = t * BLOCK_N + key_in_stage;
+    const bool masked = key0 + 16 > sk - (p.causal ? sq - 1 : 0);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] *= p.scale_log2;
+        const int r = g + (e / 2) * 8;
+        if (masked && !visible(r % sq, key0 + nt * 8 + 2 * c + e % 2, sq, sk, p.causal)) {
+          s[nt][e] = -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(row_max[r], fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]),
+                                         fmaxf(s[1][2 * r], s[1][2 * r + 1])));
+      mx = fmaxf(mx, tc::shfl_xor(mx, 1));
+      mx = fmaxf(mx, tc::shfl_xor(mx, 2));
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float correction = exp2f(row_max[r] - base);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
+        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
+        sum += s[nt][2 * r] + s[nt][2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][2 * r] *= correction;
+        o[dt][2 * r + 1] *= correction;
+      }
+    }
+    uint32_t a[4];
+    accumulators_as_a<T>(a, s[0], s[1]);
+#pragma unroll
+    for (int dp = 0; dp < DT / 2; ++dp) {
+      uint32_t b0[2], b1[2];
+      load_b_kn<D>(b0, b1, sv_tile, key_in_stage, dp * 16, lane);
+      tc::mma_16816<T>(o[2 * dp], a, b0);
+      tc::mma_16816<T>(o[2 * dp + 1], a, b1);
+    }
+  }
+
+  // Merge the warps: each writes its max, sum and accumulators (fp32) over the K/V stages.
+  tc::block_sync();  // every warp is done with the stages
+  float* m_w = reinterpret_cast<float*>(s_k);         // [WARPS][16]
+  float* l_w = m_w + WARPS * kDecodeRows;             // [WARPS][16]
+  float* o_w = l_w + WARPS * kDecodeRows;             // [WARPS][16][D]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += tc::shfl_xor(sum, 1);
+    sum += tc::shfl_xor(sum, 2);
+    if (c == 0) {
+      m_w[warp * kDecodeRows + g + 8 * r] = row_max[r];
+      l_w[warp * kDecodeRows + g + 8 * r] = sum;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      float* dst = o_w + (warp * kDecodeRows + g + 8 * r) * D + dt * 8 + 2 * c;
+      dst[0] = o[dt][2 * r];
+      dst[1] = o[dt][2 * r + 1];
+    }
+  }
+  tc::block_sync();
+  // One thread per (row, column pair): the merged row, normalized; its lse (natural log).
+  for (int idx = threadIdx.x; idx < rows * (D / 2); idx += THREADS) {
+    const int r = idx / (D / 2), col = (idx % (D / 2)) * 2;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, m_w[w * kDecodeRows + r]);
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f, acc0 = 0.f, acc1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float weight = exp2f(m_w[w * kDecodeRows + r] - base);
+      sum += l_w[w * kDecodeRows + r] * weight;
+      acc0 += o_w[(w * kDecodeRows + r) * D + col] * weight;
+      acc1 += o_w[(w * kDecodeRows + r) * D + col + 1] * weight;
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float lse = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+    const int h = h_kv * group + r / sq, i = r % sq;
+    const int64_t lse_at = (int64_t(b) * p.heads_q + h) * sq + i;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.o) + b * p.o_s.batch + h * p.o_s.head + i * p.o_s.row;
+      *reinterpret_cast<uint32_t*>(out + col) = tc::pack2<T>(acc0 * inv, acc1 * inv);
+      if (col == 0) p.lse[lse_at] = lse;
+    } else {
+      const int64_t at = int64_t(split) * p.batch * p.heads_q * sq + lse_at;
+      p.o_partial[at * D + col] = acc0 * inv;
+      p.o_partial[at * D + col + 1] = acc1 * inv;
+      if (col == 0) p.lse_partial[at] = lse;
+    }
+  }
+}
+
+// Merge the splits of one (batch, head, query) row per warp: out = sum_s w_s o_s / sum_s w_s,
+// w_s = exp(lse_s - max lse), lse = max + log sum_s w_s. A split that saw no key has lse -inf
+// and weight 0.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) flash_decode_combine_kernel(const AttnParams p) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t row = int64_t(blockIdx.x) * (256 / kWarpSize) + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (row >= rows) return;  // whole warps leave together
+  float mx = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_partial[s * rows + row]);
+  const float base = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  for (int s = 0; s < p.num_splits; ++s) sum += expf(p.lse_partial[s * rows + row] - base);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const int i = row % p.seqlen_q;
+  const int h = row / p.seqlen_q % p.heads_q;
+  const int b = row / (int64_t(p.seqlen_q) * p.heads_q);
+  T* out = static_cast<T*>(p.o) + b * p.o_s.batch + h * p.o_s.head + i * p.o_s.row;
+#pragma unroll
+  for (int col = 2 * lane; col < D; col += 2 * kWarpSize) {
+    float acc0 = 0.f, acc1 = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = expf(p.lse_partial[s * rows + row] - base);
+      acc0 += w * p.o_partial[(s * rows + row) * D + col];
+      acc1 += w * p.o_partial[(s * rows + row) * D + col + 1];
+    }
+    *reinterpret_cast<uint32_t*>(out + col) = tc::pack2<T>(acc0 * inv, acc1 * inv);
+  }
+  if (lane == 0) p.lse[row] = sum > 0.f ? base + logf(sum) : -INFINITY;
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -735,12 +980,25 @@ void with_head_dim(int head_dim, F&& f) {
   }
 }
 
+// p.num_splits from decode_splits: 0 runs the prefill kernel, else the decode kernel (and the
+// combine kernel when there are several splits; the caller allocates o_partial, lse_partial).
 template <typename T, typename Launch>
 void run_forward(const AttnParams& p, int head_dim, Launch&& launch) {
   with_head_dim(head_dim, [&](auto config) {
     using Tile = typename decltype(config)::Fwd;
-    const dim3 grid(ceil_div(p.seqlen_q, Tile::BLOCK_M), p.heads_q, p.batch);
-    launch(flash_fwd_kernel<T, Tile>, grid, dim3(Tile::THREADS), Tile::SMEM_BYTES, p);
+    if (p.num_splits == 0) {
+      const dim3 grid(ceil_div(p.seqlen_q, Tile::BLOCK_M), p.heads_q, p.batch);
+      launch(flash_fwd_kernel<T, Tile>, grid, dim3(Tile::THREADS), Tile::SMEM_BYTES, p);
+      return;
+    }
+    using Decode = DecodeTile<Tile::D>;
+    launch(flash_decode_kernel<T, Decode>, dim3(p.num_splits, p.heads_kv, p.batch),
+           dim3(Decode::THREADS), Decode::SMEM_BYTES, p);
+    if (p.num_splits > 1) {
+      const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+      launch(flash_decode_combine_kernel<T, Tile::D>, dim3(unsigned((rows + 7) / 8)), dim3(256),
+             0, p);
+    }
   });
 }
 

@@ -54,6 +54,11 @@ CASES = [
     pytest.param(2, 1, 77, 4, 1, 64, True, id="decode-k77-h4/1"),
     pytest.param(1, 150, 40, 2, 2, 64, False, id="q150-k40-full"),
     pytest.param(1, 33, 97, 4, 2, 128, False, id="q33-k97-h4/2-d128-full"),
+    # The decode kernel (query heads of a group x queries <= 16 rows), split over keys (the
+    # emulator plans splits for an 8-SM GPU): 5, 3 and 3 splits merged by the combine kernel.
+    pytest.param(1, 1, 1100, 8, 2, 64, True, id="decode-k1100-h8/2-5splits"),
+    pytest.param(2, 3, 704, 4, 1, 128, True, id="decode3-k704-h4/1-d128-3splits"),
+    pytest.param(1, 2, 515, 8, 1, 64, False, id="decode2-k515-h8/1-full-3splits"),
 ]
 GPU_CASES = [
     pytest.param(2, 1025, 1025, 16, 4, 128, True, id="s1025-h16/4-d128"),

@@ -38,9 +38,11 @@ ARCHS = ("sm_80", "sm_90")
 # Kernel families of the row/elementwise ops; each must be in the build for every arch.
 FAMILIES = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "rms_norm_dw_kernel",
             "swiglu_fwd_kernel", "swiglu_bwd_kernel", "rotary_kernel", "flash_fwd_kernel",
-            "flash_bwd_delta_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel")
+            "flash_bwd_delta_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel",
+            "flash_decode_kernel", "flash_decode_combine_kernel")
 # Attention kernels with tensor-core products: each of its 2 dtypes x 2 head dims.
-TENSOR_CORE = ("flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel")
+TENSOR_CORE = ("flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel",
+               "flash_decode_kernel")
 # Families whose 16-byte-vector specializations must load with 128-bit instructions.
 VECTORIZED = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "swiglu_fwd_kernel",
               "swiglu_bwd_kernel", "rotary_kernel")

@@ -5,12 +5,15 @@
 #include "flash_attention_kernels.cuh"
 
 #include <limits>
+#include <vector>
 
 namespace {
 
 namespace attn = llama_kernels::attention;
 
 constexpr double kLog2e = 1.4426950408889634;
+// A small GPU, so that short KV caches already split (decode_splits aims at 2 blocks per SM).
+constexpr int kEmulatedSms = 8;
 
 attn::Strides strides_at(const int64_t* s, int i) { return {s[3 * i], s[3 * i + 1], s[3 * i + 2]}; }
 
@@ -56,6 +59,19 @@ int flash_forward_emu(int dtype, int head_dim, const void* q, const void* k, con
     p.k_s = strides_at(strides, 1);
     p.v_s = strides_at(strides, 2);
     p.o_s = strides_at(strides, 3);
+    // The decode kernel's split count as for a GPU of kEmulatedSms multiprocessors; its
+    // per-split scratch NaN until written.
+    p.num_splits = attn::decode_splits(p, kEmulatedSms);
+    const size_t rows = size_t(p.batch) * p.heads_q * p.seqlen_q;
+    std::vector<float> o_partial, lse_partial;
+    if (p.num_splits > 1) {
+      o_partial.assign(p.num_splits * rows * head_dim, std::numeric_limits<float>::quiet_NaN());
+      lse_partial.assign(p.num_splits * rows, std::numeric_limits<float>::quiet_NaN());
+      emu::register_global(o_partial.data(), o_partial.size() * sizeof(float));
+      emu::register_global(lse_partial.data(), lse_partial.size() * sizeof(float));
+      p.o_partial = o_partial.data();
+      p.lse_partial = lse_partial.data();
+    }
     emu::with_dtype(dtype, [&](auto tag) {
       attn::run_forward<decltype(tag)>(p, head_dim, emu_launch);
     });
