@@ -112,19 +112,44 @@ struct alignas(16) Chunk16 {
   uint32_t w[4];
 };
 
+// Swizzled addresses without registers to spare. In a [rows][D] tile whose row offsets are
+// multiples of 8, the swizzle's XOR term (row % 8) is a per-thread constant, and the 16-byte
+// chunk index enters only through an XOR on the low bits of the row: byte offset of (row, col)
+// = row * 2D + ((col / 8) ^ (row % 8)) * 16, where row = row0 + a per-thread part. So each
+// address is (per-thread base ^ a compile-time constant) + a compile-time or per-block row
+// offset: one LOP per fragment and an immediate, instead of a hoisted register per
+// (fragment, k-step), which spilled the forward's accumulators.
+template <int D>
+struct SwizzledLanes {
+  static constexpr int ROW_BYTES = D * 2;
+  uint32_t a, b_nk, b_kn;  // per-lane bases of the three ldmatrix patterns below
+
+  __device__ __forceinline__ explicit SwizzledLanes(int lane) {
+    const int r7 = lane & 7;
+    a = (lane % 16) * ROW_BYTES + (((lane / 16) ^ r7) * 16);
+    b_nk = ((lane / 16) * 8 + lane % 8) * ROW_BYTES + (((lane / 8 % 2) ^ r7) * 16);
+    b_kn = (lane % 8 + (lane / 8 % 2) * 8) * ROW_BYTES + (((lane / 16) ^ r7) * 16);
+  }
+};
+
 // cp.async a [ROWS][D] tile from global (rows `row_stride` elements apart) into swizzled shared
-// memory; rows >= rows_valid are zero-filled, never read.
+// memory; rows >= rows_valid are zero-filled, never read. Thread t copies chunk t % (D / 8) of
+// rows t / (D / 8) + k * THREADS / (D / 8): a fixed column and a fixed row % 8.
 template <typename T, int D, int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride,
+__device__ __forceinline__ void load_tile(uint32_t smem, const T* gmem, int64_t row_stride,
                                           int rows_valid) {
-  constexpr int kChunks = D / 8;
-  static_assert(ROWS * kChunks % THREADS == 0, "tile loads are split evenly over threads");
+  constexpr int kChunks = D / 8, kRowsPerPass = THREADS / kChunks;
+  static_assert(THREADS % kChunks == 0 && kRowsPerPass % 8 == 0 && ROWS % kRowsPerPass == 0,
+                "tile loads: whole rows per pass, a multiple of 8");
+  const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  const uint32_t dst = smem + 2 * swizzle<D>(r0, c * 8);
+  const T* src = gmem + r0 * row_stride + c * 8;
 #pragma unroll
-  for (int it = 0; it < ROWS * kChunks / THREADS; ++it) {
-    const int i = it * THREADS + threadIdx.x;
-    const int r = i / kChunks, c = i % kChunks;
+  for (int it = 0; it < ROWS / kRowsPerPass; ++it) {
+    const int r = r0 + it * kRowsPerPass;
     const bool ok = r < rows_valid;
-    tc::cp_async_16(smem + swizzle<D>(r, c * 8), gmem + (ok ? r : 0) * row_stride + c * 8, ok);
+    tc::cp_async_16(dst + it * kRowsPerPass * 2 * D, ok ? src + it * kRowsPerPass * row_stride
+                                                        : gmem, ok);
   }
 }
 
@@ -145,30 +170,31 @@ __device__ __forceinline__ void store_tile(T* gmem, const T* smem, int64_t row_s
   }
 }
 
-// A operand (16 rows x 16 cols at (row0, col0)) of a row-major swizzled tile.
-template <int D, typename T>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0,
-                                       int lane) {
-  tc::ldmatrix_x4(a, tile + swizzle<D>(row0 + lane % 16, col0 + (lane / 16) * 8));
+// A operand (16 rows x 16 cols at (row0, col0), row0 % 8 == 0, col0 % 16 == 0) of a row-major
+// swizzled tile: lanes 0-15 address rows 0-15 at col0, lanes 16-31 the same rows at col0 + 8.
+template <int D>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], uint32_t tile, int row0, int col0,
+                                       const SwizzledLanes<D>& lanes) {
+  tc::ldmatrix_x4(a, tile + row0 * 2 * D + (lanes.a ^ (col0 * 2)));
 }
 
 // B operands of two n8 tiles, k16 deep, where the tile stores B transposed ([n][k], e.g. K
 // rows for Q K^T): b0 for n rows n0..n0+7, b1 for n0+8..n0+15, k cols k0..k0+15.
-template <int D, typename T>
-__device__ __forceinline__ void load_b_nk(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile,
-                                          int n0, int k0, int lane) {
+template <int D>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b0)[2], uint32_t (&b1)[2], uint32_t tile,
+                                          int n0, int k0, const SwizzledLanes<D>& lanes) {
   uint32_t r[4];
-  tc::ldmatrix_x4(r, tile + swizzle<D>(n0 + (lane / 16) * 8 + lane % 8, k0 + (lane / 8 % 2) * 8));
+  tc::ldmatrix_x4(r, tile + n0 * 2 * D + (lanes.b_nk ^ (k0 * 2)));
   b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
 // B operands of two n8 tiles, k16 deep, where the tile stores B as is ([k][n], e.g. V rows for
 // P V): b0 for n cols n0..n0+7, b1 for n0+8..n0+15, k rows k0..k0+15.
-template <int D, typename T>
-__device__ __forceinline__ void load_b_kn(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile,
-                                          int k0, int n0, int lane) {
+template <int D>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b0)[2], uint32_t (&b1)[2], uint32_t tile,
+                                          int k0, int n0, const SwizzledLanes<D>& lanes) {
   uint32_t r[4];
-  tc::ldmatrix_x4_trans(r, tile + swizzle<D>(k0 + lane % 8 + (lane / 8 % 2) * 8, n0 + (lane / 16) * 8));
+  tc::ldmatrix_x4_trans(r, tile + k0 * 2 * D + (lanes.b_kn ^ (n0 * 2)));
   b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
@@ -227,6 +253,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const int h_kv = h / (p.heads_q / p.heads_kv);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
+  const SwizzledLanes<D> lanes(lane);
   const int sq = p.seqlen_q, sk = p.seqlen_k;
   const int row0 = warp * MT * 16;  // this warp's first row in the block
 
@@ -237,11 +264,12 @@ __global__ void __launch_bounds__(Tile::THREADS)
   T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
   T* s_k = s_q + BLOCK_M * D;
   T* s_v = s_k + BLOCK_N * D;
+  const uint32_t sh_q = tc::smem_addr(s_q), sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
 
   const int n_end = key_block_end(m_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
-  load_tile<T, D, BLOCK_M, THREADS>(s_q, q, p.q_s.row, sq - m_block * BLOCK_M);
+  load_tile<T, D, BLOCK_M, THREADS>(sh_q, q, p.q_s.row, sq - m_block * BLOCK_M);
   if (n_end > 0) {
-    load_tile<T, D, BLOCK_N, THREADS>(s_k, k + int64_t(n_end - 1) * BLOCK_N * p.k_s.row,
+    load_tile<T, D, BLOCK_N, THREADS>(sh_k, k + int64_t(n_end - 1) * BLOCK_N * p.k_s.row,
                                       p.k_s.row, sk - (n_end - 1) * BLOCK_N);
   }
   tc::cp_async_commit();
@@ -259,7 +287,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
   for (int n = n_end - 1; n >= 0; --n) {
     tc::cp_async_wait<0>();
     tc::block_sync();  // K[n] has landed; every warp is done with V[n+1]
-    load_tile<T, D, BLOCK_N, THREADS>(s_v, v + int64_t(n) * BLOCK_N * p.v_s.row, p.v_s.row,
+    load_tile<T, D, BLOCK_N, THREADS>(sh_v, v + int64_t(n) * BLOCK_N * p.v_s.row, p.v_s.row,
                                       sk - n * BLOCK_N);
     tc::cp_async_commit();
 
@@ -273,11 +301,11 @@ __global__ void __launch_bounds__(Tile::THREADS)
     for (int kt = 0; kt < D / 16; ++kt) {
       uint32_t a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) load_a<D>(a[mt], s_q, row0 + mt * 16, kt * 16, lane);
+      for (int mt = 0; mt < MT; ++mt) load_a<D>(a[mt], sh_q, row0 + mt * 16, kt * 16, lanes);
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b0[2], b1[2];
-        load_b_nk<D>(b0, b1, s_k, np * 16, kt * 16, lane);
+        load_b_nk<D>(b0, b1, sh_k, np * 16, kt * 16, lanes);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           tc::mma_16816<T>(s[mt][2 * np], a[mt], b0);
@@ -308,7 +336,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
     tc::cp_async_wait<0>();
     tc::block_sync();  // V[n] has landed; every warp is done with K[n]
     if (n > 0) {
-      load_tile<T, D, BLOCK_N, THREADS>(s_k, k + int64_t(n - 1) * BLOCK_N * p.k_s.row, p.k_s.row,
+      load_tile<T, D, BLOCK_N, THREADS>(sh_k, k + int64_t(n - 1) * BLOCK_N * p.k_s.row, p.k_s.row,
                                         sk - (n - 1) * BLOCK_N);
       tc::cp_async_commit();
     }
@@ -351,7 +379,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         uint32_t b0[2], b1[2];
-        load_b_kn<D>(b0, b1, s_v, pk * 16, dp * 16, lane);
+        load_b_kn<D>(b0, b1, sh_v, pk * 16, dp * 16, lanes);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           tc::mma_16816<T>(o[mt][2 * dp], a[mt], b0);
@@ -428,8 +456,10 @@ inline int decode_splits(const AttnParams& p, int num_sms) {
   return ceil_div(stages, per_split);
 }
 
+// __launch_bounds__(128, 2): without the minimum, ptxas (nvcc 13.0, sm_80) capped the d128
+// kernel at 128 registers and spilled 8 bytes; with it, 135 registers and no spill.
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(Tile::THREADS) flash_decode_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const AttnParams p) {
   constexpr int D = Tile::D, BLOCK_N = Tile::BLOCK_N, THREADS = Tile::THREADS;
   constexpr int WARPS = Tile::WARPS, DT = D / 8, CHUNKS = D / 8;
   const int split = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
@@ -438,10 +468,12 @@ __global__ void __launch_bounds__(Tile::THREADS) flash_decode_kernel(const AttnP
   const int rows = group * sq;  // <= kDecodeRows
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
+  const SwizzledLanes<D> lanes(lane);
 
   T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
   T* s_k = s_q + kDecodeRows * D;       // [2][BLOCK_N][D]
   T* s_v = s_k + 2 * BLOCK_N * D;       // [2][BLOCK_N][D]
+  const uint32_t sh_q = tc::smem_addr(s_q), sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
 
   // This split's stages [t_begin, t_end) (decode_splits leaves none empty).
   const int stages = ceil_div(sk, BLOCK_N);
@@ -462,9 +494,9 @@ __global__ void __launch_bounds__(Tile::THREADS) flash_decode_kernel(const AttnP
   const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
   auto load_stage = [&](int t, int buf) {
     const int64_t key0 = int64_t(t) * BLOCK_N;
-    load_tile<T, D, BLOCK_N, THREADS>(s_k + buf * BLOCK_N * D, k + key0 * p.k_s.row, p.k_s.row,
+    load_tile<T, D, BLOCK_N, THREADS>(sh_k + 2 * buf * BLOCK_N * D, k + key0 * p.k_s.row, p.k_s.row,
                                       sk - key0);
-    load_tile<T, D, BLOCK_N, THREADS>(s_v + buf * BLOCK_N * D, v + key0 * p.v_s.row, p.v_s.row,
+    load_tile<T, D, BLOCK_N, THREADS>(sh_v + 2 * buf * BLOCK_N * D, v + key0 * p.v_s.row, p.v_s.row,
                                       sk - key0);
   };
   if (t_begin < t_end) load_stage(t_begin, 0);
@@ -482,15 +514,15 @@ __global__ void __launch_bounds__(Tile::THREADS) flash_decode_kernel(const AttnP
     tc::block_sync();  // stage t (and Q) landed; every warp is done with stage t - 1
     if (t + 1 < t_end) load_stage(t + 1, buf ^ 1);
     tc::cp_async_commit();
-    const T* sk_tile = s_k + buf * BLOCK_N * D;
-    const T* sv_tile = s_v + buf * BLOCK_N * D;
+    const uint32_t sk_tile = sh_k + 2 * buf * BLOCK_N * D;
+    const uint32_t sv_tile = sh_v + 2 * buf * BLOCK_N * D;
 
     float s[2][4] = {};
 #pragma unroll
     for (int kt = 0; kt < D / 16; ++kt) {
       uint32_t a[4], b0[2], b1[2];
-      load_a<D>(a, s_q, 0, kt * 16, lane);
-      load_b_nk<D>(b0, b1, sk_tile, key_in_stage, kt * 16, lane);
+      load_a<D>(a, sh_q, 0, kt * 16, lanes);
+      load_b_nk<D>(b0, b1, sk_tile, key_in_stage, kt * 16, lanes);
       tc::mma_16816<T>(s[0], a, b0);
       tc::mma_16816<T>(s[1], a, b1);
     }
@@ -536,7 +568,7 @@ __global__ void __launch_bounds__(Tile::THREADS) flash_decode_kernel(const AttnP
 #pragma unroll
     for (int dp = 0; dp < DT / 2; ++dp) {
       uint32_t b0[2], b1[2];
-      load_b_kn<D>(b0, b1, sv_tile, key_in_stage, dp * 16, lane);
+      load_b_kn<D>(b0, b1, sv_tile, key_in_stage, dp * 16, lanes);
       tc::mma_16816<T>(o[2 * dp], a, b0);
       tc::mma_16816<T>(o[2 * dp + 1], a, b1);
     }
@@ -684,6 +716,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const int group = p.heads_q / p.heads_kv;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
+  const SwizzledLanes<D> lanes(lane);
   const int sq = p.seqlen_q, sk = p.seqlen_k;
   const int key0 = warp * 16;  // this warp's first key row in the block
 
@@ -693,12 +726,14 @@ __global__ void __launch_bounds__(Tile::THREADS)
   T* s_do = s_q + 2 * BLOCK_M * D;   // [2][BLOCK_M][D]
   float* s_lse = reinterpret_cast<float*>(s_do + 2 * BLOCK_M * D);  // [2][BLOCK_M], log2 units
   float* s_delta = s_lse + 2 * BLOCK_M;                               // [2][BLOCK_M]
+  const uint32_t sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
+  const uint32_t sh_q = tc::smem_addr(s_q), sh_do = tc::smem_addr(s_do);
 
   const int64_t key_offset = int64_t(n_block) * BLOCK_N;
   const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
-  load_tile<T, D, BLOCK_N, THREADS>(s_k, k + key_offset * p.k_s.row, p.k_s.row, sk - key_offset);
-  load_tile<T, D, BLOCK_N, THREADS>(s_v, v + key_offset * p.v_s.row, p.v_s.row, sk - key_offset);
+  load_tile<T, D, BLOCK_N, THREADS>(sh_k, k + key_offset * p.k_s.row, p.k_s.row, sk - key_offset);
+  load_tile<T, D, BLOCK_N, THREADS>(sh_v, v + key_offset * p.v_s.row, p.v_s.row, sk - key_offset);
 
   // Steps: every query block from the first that sees this key block, for each query head of
   // the group.
@@ -711,9 +746,9 @@ __global__ void __launch_bounds__(Tile::THREADS)
     const int64_t row0 = int64_t(m) * BLOCK_M;
     const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head;
     const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head;
-    load_tile<T, D, BLOCK_M, THREADS>(s_q + buf * BLOCK_M * D, q + row0 * p.q_s.row, p.q_s.row,
+    load_tile<T, D, BLOCK_M, THREADS>(sh_q + 2 * buf * BLOCK_M * D, q + row0 * p.q_s.row, p.q_s.row,
                                       sq - row0);
-    load_tile<T, D, BLOCK_M, THREADS>(s_do + buf * BLOCK_M * D, dout + row0 * p.dout_s.row,
+    load_tile<T, D, BLOCK_M, THREADS>(sh_do + 2 * buf * BLOCK_M * D, dout + row0 * p.dout_s.row,
                                       p.dout_s.row, sq - row0);
     const int64_t lse_row = (int64_t(b) * p.heads_q + h) * sq + row0;
     for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
@@ -739,8 +774,8 @@ __global__ void __launch_bounds__(Tile::THREADS)
     tc::block_sync();  // this step's tiles have landed; every warp is done with the last step
     if (step + 1 < steps) load_step(step + 1, buf ^ 1);
     tc::cp_async_commit();
-    const T* sq_tile = s_q + buf * BLOCK_M * D;
-    const T* sdo_tile = s_do + buf * BLOCK_M * D;
+    const uint32_t sq_tile = sh_q + 2 * buf * BLOCK_M * D;
+    const uint32_t sdo_tile = sh_do + 2 * buf * BLOCK_M * D;
     const float* lse = s_lse + buf * BLOCK_M;
     const float* delta = s_delta + buf * BLOCK_M;
 
@@ -754,15 +789,15 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
     for (int kt = 0; kt < D / 16; ++kt) {
       uint32_t ak[4], av[4];
-      load_a<D>(ak, s_k, key0, kt * 16, lane);
-      load_a<D>(av, s_v, key0, kt * 16, lane);
+      load_a<D>(ak, sh_k, key0, kt * 16, lanes);
+      load_a<D>(av, sh_v, key0, kt * 16, lanes);
 #pragma unroll
       for (int qp = 0; qp < QT / 2; ++qp) {
         uint32_t b0[2], b1[2];
-        load_b_nk<D>(b0, b1, sq_tile, qp * 16, kt * 16, lane);
+        load_b_nk<D>(b0, b1, sq_tile, qp * 16, kt * 16, lanes);
         tc::mma_16816<T>(pt[2 * qp], ak, b0);
         tc::mma_16816<T>(pt[2 * qp + 1], ak, b1);
-        load_b_nk<D>(b0, b1, sdo_tile, qp * 16, kt * 16, lane);
+        load_b_nk<D>(b0, b1, sdo_tile, qp * 16, kt * 16, lanes);
         tc::mma_16816<T>(dpt[2 * qp], av, b0);
         tc::mma_16816<T>(dpt[2 * qp + 1], av, b1);
       }
@@ -793,10 +828,10 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         uint32_t b0[2], b1[2];
-        load_b_kn<D>(b0, b1, sdo_tile, qk * 16, dp * 16, lane);
+        load_b_kn<D>(b0, b1, sdo_tile, qk * 16, dp * 16, lanes);
         tc::mma_16816<T>(dv[2 * dp], ap, b0);
         tc::mma_16816<T>(dv[2 * dp + 1], ap, b1);
-        load_b_kn<D>(b0, b1, sq_tile, qk * 16, dp * 16, lane);
+        load_b_kn<D>(b0, b1, sq_tile, qk * 16, dp * 16, lanes);
         tc::mma_16816<T>(dk[2 * dp], ads, b0);
         tc::mma_16816<T>(dk[2 * dp + 1], ads, b1);
       }
@@ -830,6 +865,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const int h_kv = h / (p.heads_q / p.heads_kv);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
+  const SwizzledLanes<D> lanes(lane);
   const int sq = p.seqlen_q, sk = p.seqlen_k;
   const int row0 = warp * 16;
 
@@ -837,20 +873,22 @@ __global__ void __launch_bounds__(Tile::THREADS)
   T* s_do = s_q + BLOCK_M * D;
   T* s_k = s_do + BLOCK_M * D;       // [2][BLOCK_N][D]
   T* s_v = s_k + 2 * BLOCK_N * D;    // [2][BLOCK_N][D]
+  const uint32_t sh_q = tc::smem_addr(s_q), sh_do = tc::smem_addr(s_do);
+  const uint32_t sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
 
   const int64_t q_offset = int64_t(m_block) * BLOCK_M;
   const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head;
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head;
   const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
-  load_tile<T, D, BLOCK_M, THREADS>(s_q, q + q_offset * p.q_s.row, p.q_s.row, sq - q_offset);
-  load_tile<T, D, BLOCK_M, THREADS>(s_do, dout + q_offset * p.dout_s.row, p.dout_s.row,
+  load_tile<T, D, BLOCK_M, THREADS>(sh_q, q + q_offset * p.q_s.row, p.q_s.row, sq - q_offset);
+  load_tile<T, D, BLOCK_M, THREADS>(sh_do, dout + q_offset * p.dout_s.row, p.dout_s.row,
                                     sq - q_offset);
   auto load_step = [&](int n, int buf) {
     const int64_t key0 = int64_t(n) * BLOCK_N;
-    load_tile<T, D, BLOCK_N, THREADS>(s_k + buf * BLOCK_N * D, k + key0 * p.k_s.row, p.k_s.row,
+    load_tile<T, D, BLOCK_N, THREADS>(sh_k + 2 * buf * BLOCK_N * D, k + key0 * p.k_s.row, p.k_s.row,
                                       sk - key0);
-    load_tile<T, D, BLOCK_N, THREADS>(s_v + buf * BLOCK_N * D, v + key0 * p.v_s.row, p.v_s.row,
+    load_tile<T, D, BLOCK_N, THREADS>(sh_v + 2 * buf * BLOCK_N * D, v + key0 * p.v_s.row, p.v_s.row,
                                       sk - key0);
   };
   const int n_end = key_block_end(m_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
@@ -877,8 +915,8 @@ __global__ void __launch_bounds__(Tile::THREADS)
     tc::block_sync();  // K[n], V[n] (and Q, dO) have landed; every warp is done with step n-1
     if (n + 1 < n_end) load_step(n + 1, buf ^ 1);
     tc::cp_async_commit();
-    const T* sk_tile = s_k + buf * BLOCK_N * D;
-    const T* sv_tile = s_v + buf * BLOCK_N * D;
+    const uint32_t sk_tile = sh_k + 2 * buf * BLOCK_N * D;
+    const uint32_t sv_tile = sh_v + 2 * buf * BLOCK_N * D;
 
     // S = Q K^T and dP = dO V^T: this warp's 16 queries x BLOCK_N keys.
     float s[NT][4], dp[NT][4];
@@ -890,15 +928,15 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
     for (int kt = 0; kt < D / 16; ++kt) {
       uint32_t aq[4], ado[4];
-      load_a<D>(aq, s_q, row0, kt * 16, lane);
-      load_a<D>(ado, s_do, row0, kt * 16, lane);
+      load_a<D>(aq, sh_q, row0, kt * 16, lanes);
+      load_a<D>(ado, sh_do, row0, kt * 16, lanes);
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b0[2], b1[2];
-        load_b_nk<D>(b0, b1, sk_tile, np * 16, kt * 16, lane);
+        load_b_nk<D>(b0, b1, sk_tile, np * 16, kt * 16, lanes);
         tc::mma_16816<T>(s[2 * np], aq, b0);
         tc::mma_16816<T>(s[2 * np + 1], aq, b1);
-        load_b_nk<D>(b0, b1, sv_tile, np * 16, kt * 16, lane);
+        load_b_nk<D>(b0, b1, sv_tile, np * 16, kt * 16, lanes);
         tc::mma_16816<T>(dp[2 * np], ado, b0);
         tc::mma_16816<T>(dp[2 * np + 1], ado, b1);
       }
@@ -926,7 +964,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
       for (int dp2 = 0; dp2 < DT / 2; ++dp2) {
         uint32_t b0[2], b1[2];
-        load_b_kn<D>(b0, b1, sk_tile, nk * 16, dp2 * 16, lane);
+        load_b_kn<D>(b0, b1, sk_tile, nk * 16, dp2 * 16, lanes);
         tc::mma_16816<T>(dq[2 * dp2], ads, b0);
         tc::mma_16816<T>(dq[2 * dp2 + 1], ads, b1);
       }

@@ -654,6 +654,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
   emu_detail::ldmatrix(r, row, true, "ldmatrix_x4_trans");
 }
+// The shared-window-address forms (what smem_addr returns: an offset into the block's memory).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t row) {
+  emu_detail::ldmatrix(r, emu::detail::g.smem + row, false, "ldmatrix_x4");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t row) {
+  emu_detail::ldmatrix(r, emu::detail::g.smem + row, true, "ldmatrix_x4_trans");
+}
 
 // Issue: poison the destination now, copy (or zero-fill when !pred) only at cp_async_wait.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pred) {
@@ -663,6 +670,9 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pre
   emu::detail::Fiber& f = *emu::detail::g.current;
   f.pending.push_back({dst, src, pred, f.open_group});
   emu::detail::maybe_preempt();  // others may run while the destination holds the poison
+}
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred) {
+  cp_async_16(emu::detail::g.smem + dst, src, pred);
 }
 __device__ __forceinline__ void cp_async_commit() { ++emu::detail::g.current->open_group; }
 // Performs, in issue order, the copies of every committed group but the N most recent.
