@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <mutex>
+#include <set>
 #include <tuple>
 
 namespace llama_kernels {
@@ -55,6 +57,10 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
               "at most ", kMaxGridYZ, ", got ", q.sizes());
   TORCH_CHECK(q.size(1) < (int64_t(1) << 30) && k.size(1) < (int64_t(1) << 30),
               "q, k: sequence lengths must be below 2**30");
+  // The row kernels (delta, decode combine) launch one warp per (batch, head, query) row, 8 per
+  // block: keep their grid inside 2**31 blocks.
+  TORCH_CHECK(q.size(0) * q.size(1) * q.size(2) < (int64_t(1) << 33),
+              "q: batch * seqlen * heads must be below 2**33, got ", q.sizes());
 }
 
 // The kernels read rows with 16-byte cp.async: unit stride along D and 16-byte aligned rows.
@@ -88,14 +94,24 @@ void dispatch_half(at::ScalarType dtype, F&& f) {
   return f(__nv_bfloat16{});
 }
 
+// Opts a kernel in to `smem` bytes of dynamic shared memory on `device`, once per process (a
+// driver call per launch would cost host time on every decoding step).
+void allow_dynamic_smem(const void* kernel, size_t smem, int device) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, size_t, int>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, smem, device})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  done.insert({kernel, smem, device});
+}
+
 // The launch every kernel of flash_attention_kernels.cuh goes through: opt in to more than
-// 48 KiB of dynamic shared memory where the tile needs it, launch, check.
-auto launcher(cudaStream_t stream) {
-  return [stream](auto kernel, dim3 grid, dim3 block, size_t smem, const AttnParams& p) {
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+// 48 KiB of dynamic shared memory where the tile needs it, launch, check. The caller holds a
+// guard for the tensors' device.
+auto launcher(cudaStream_t stream, int device) {
+  return [stream, device](auto kernel, dim3 grid, dim3 block, size_t smem, const AttnParams& p) {
+    if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, device);
     kernel<<<grid, block, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -106,14 +122,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
                                                             const at::Tensor& v_in, bool causal,
                                                             double softmax_scale) {
   check_qkv(q_in, k_in, v_in, causal);
-  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale: expected a finite value, got ",
-              softmax_scale);
+  TORCH_CHECK(std::isfinite(static_cast<float>(softmax_scale * M_LOG2E)),
+              "softmax_scale: expected a finite value below 2.3e38, got ", softmax_scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_16b(q_in), k = rows_16b(k_in), v = rows_16b(v_in);
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
+  if (k.size(1) == 0) return {out.zero_(), lse.fill_(-INFINITY)};  // no key: as the reference
   AttnParams p = make_params(q, k, v, causal, softmax_scale);
   p.o = out.data_ptr(), p.o_s = strides_of(out), p.lse = lse.data_ptr<float>();
   p.num_splits = attention::decode_splits(p, num_sms(q.get_device()));
@@ -125,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   }
   dispatch_half(q.scalar_type(), [&](auto t) {
     attention::run_forward<decltype(t)>(p, q.size(3),
-                                        launcher(c10::cuda::getCurrentCUDAStream()));
+                                        launcher(c10::cuda::getCurrentCUDAStream(), q.get_device()));
   });
   return {out, lse};
 }
@@ -135,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, bool causal,
     double softmax_scale) {
   check_qkv(q_in, k_in, v_in, causal);
-  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale: expected a finite value, got ",
-              softmax_scale);
+  TORCH_CHECK(std::isfinite(static_cast<float>(softmax_scale * M_LOG2E)),
+              "softmax_scale: expected a finite value below 2.3e38, got ", softmax_scale);
   for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
     check_like(*t, q_in, name);
     TORCH_CHECK(t->sizes() == q_in.sizes(), name, ": expected shape ", q_in.sizes(),
@@ -168,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   p.lse = lse.data_ptr<float>(), p.delta = delta.data_ptr<float>();
   dispatch_half(q.scalar_type(), [&](auto t) {
     attention::run_backward<decltype(t)>(p, q.size(3),
-                                         launcher(c10::cuda::getCurrentCUDAStream()));
+                                         launcher(c10::cuda::getCurrentCUDAStream(), q.get_device()));
   });
   return {dq, dk, dv};
 }

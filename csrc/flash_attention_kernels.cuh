@@ -122,6 +122,7 @@ struct alignas(16) Chunk16 {
 template <int D>
 struct SwizzledLanes {
   static constexpr int ROW_BYTES = D * 2;
+  static_assert(D == 64 || D == 128, "the XOR form needs rows of 8 or 16 chunks");
   uint32_t a, b_nk, b_kn;  // per-lane bases of the three ldmatrix patterns below
 
   __device__ __forceinline__ explicit SwizzledLanes(int lane) {
@@ -409,6 +410,12 @@ __global__ void __launch_bounds__(Tile::THREADS)
     }
   }
   // Stage O through the Q tile (each warp only ever read its own Q rows) for 16-byte stores.
+  // With no key block (Sk == 0) the Q copies were never waited for: every thread waits for its
+  // own, and the barrier makes sure none lands after the staging stores (block-uniform branch).
+  if (n_end == 0) {
+    tc::cp_async_wait<0>();
+    tc::block_sync();
+  }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) accumulators_to_smem<T, D>(s_q, o[mt], row0 + mt * 16, lane);
   tc::block_sync();
@@ -436,7 +443,9 @@ struct DecodeTile {
   static constexpr int STAGE_BYTES = 2 * BLOCK_N * D * 2;  // K and V
   // Q rows, two K/V stages; the warps' fp32 accumulators reuse the stages at the end.
   static constexpr int SMEM_BYTES = kDecodeRows * D * 2 + 2 * STAGE_BYTES;
-  static_assert(WARPS * kDecodeRows * D * 4 + 2 * WARPS * kDecodeRows * 4 <= 2 * STAGE_BYTES,
+  static constexpr int O_STRIDE = D + 8;  // floats between merge-scratch rows (bank spread)
+  static_assert(WARPS * kDecodeRows * O_STRIDE * 4 + 2 * WARPS * kDecodeRows * 4 <=
+                    2 * STAGE_BYTES,
                 "the merge scratch fits in the K/V stages");
 };
 
@@ -446,7 +455,7 @@ struct DecodeTile {
 inline int decode_splits(const AttnParams& p, int num_sms) {
   const int group = p.heads_q / p.heads_kv;
   const int stages = ceil_div(p.seqlen_k, 64);
-  if (group * p.seqlen_q > kDecodeRows || stages == 0) return 0;
+  if (int64_t(group) * p.seqlen_q > kDecodeRows || stages == 0) return 0;
   const int64_t blocks = int64_t(p.batch) * p.heads_kv;
   int64_t splits = (2 * int64_t(num_sms) + blocks - 1) / blocks;
   const int64_t most = ceil_div(stages, 4);
@@ -490,6 +499,7 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
                    i * p.q_s.row + chunk * 8;
     tc::cp_async_16(s_q + swizzle<D>(r, chunk * 8), src, ok);
   }
+  tc::cp_async_commit();  // Q alone in the first group: its fragments go to registers early
   const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
   auto load_stage = [&](int t, int buf) {
@@ -501,6 +511,13 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
   };
   if (t_begin < t_end) load_stage(t_begin, 0);
   tc::cp_async_commit();
+
+  // Q's A fragments, read once (every stage multiplies the same 16 rows).
+  uint32_t qa[D / 16][4];
+  tc::cp_async_wait<1>();
+  tc::block_sync();
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) load_a<D>(qa[kt], sh_q, 0, kt * 16, lanes);
 
   float o[DT][4];
 #pragma unroll
@@ -520,11 +537,10 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
     float s[2][4] = {};
 #pragma unroll
     for (int kt = 0; kt < D / 16; ++kt) {
-      uint32_t a[4], b0[2], b1[2];
-      load_a<D>(a, sh_q, 0, kt * 16, lanes);
+      uint32_t b0[2], b1[2];
       load_b_nk<D>(b0, b1, sk_tile, key_in_stage, kt * 16, lanes);
-      tc::mma_16816<T>(s[0], a, b0);
-      tc::mma_16816<T>(s[1], a, b1);
+      tc::mma_16816<T>(s[0], qa[kt], b0);
+      tc::mma_16816<T>(s[1], qa[kt], b1);
     }
     // Scale to base 2, mask ragged ends and (causal) the keys past each query's diagonal.
     const int key0 = t * BLOCK_N + key_in_stage;
@@ -576,9 +592,13 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
 
   // Merge the warps: each writes its max, sum and accumulators (fp32) over the K/V stages.
   tc::block_sync();  // every warp is done with the stages
+  // Rows of o_w are D + 8 floats apart: with rows a multiple of 32 banks apart, the 8 rows a
+  // warp's float2 stores hit would collide 8 ways; with +8 the 16 lanes of each half-warp
+  // (4 rows x 4 column pairs) cover all 32 banks.
+  constexpr int O_STRIDE = Tile::O_STRIDE;
   float* m_w = reinterpret_cast<float*>(s_k);         // [WARPS][16]
   float* l_w = m_w + WARPS * kDecodeRows;             // [WARPS][16]
-  float* o_w = l_w + WARPS * kDecodeRows;             // [WARPS][16][D]
+  float* o_w = l_w + WARPS * kDecodeRows;             // [WARPS][16][O_STRIDE]
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
@@ -590,9 +610,8 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
     }
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
-      float* dst = o_w + (warp * kDecodeRows + g + 8 * r) * D + dt * 8 + 2 * c;
-      dst[0] = o[dt][2 * r];
-      dst[1] = o[dt][2 * r + 1];
+      *reinterpret_cast<float2*>(o_w + (warp * kDecodeRows + g + 8 * r) * O_STRIDE + dt * 8 +
+                                 2 * c) = float2{o[dt][2 * r], o[dt][2 * r + 1]};
     }
   }
   tc::block_sync();
@@ -608,8 +627,10 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
     for (int w = 0; w < WARPS; ++w) {
       const float weight = exp2f(m_w[w * kDecodeRows + r] - base);
       sum += l_w[w * kDecodeRows + r] * weight;
-      acc0 += o_w[(w * kDecodeRows + r) * D + col] * weight;
-      acc1 += o_w[(w * kDecodeRows + r) * D + col + 1] * weight;
+      const float2 part =
+          *reinterpret_cast<const float2*>(o_w + (w * kDecodeRows + r) * O_STRIDE + col);
+      acc0 += part.x * weight;
+      acc1 += part.y * weight;
     }
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const float lse = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
@@ -740,24 +761,37 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const int m_begin = query_block_begin(n_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
   const int m_count = ceil_div(sq, BLOCK_M) - m_begin;
   const int steps = group * m_count;
+  // A step's Q and dO tiles go by cp.async; its lse and delta (thread r < BLOCK_M holds row r)
+  // are loaded into registers when the step is issued and stored to shared memory only at the
+  // end of the step before it, so their global latency hides behind that step's products.
+  static_assert(BLOCK_M <= THREADS, "one thread per query row of a step");
+  float next_lse = INFINITY, next_delta = 0.f;
   auto load_step = [&](int step, int buf) {
     const int h = h_kv * group + step / m_count;
     const int m = m_begin + step % m_count;
     const int64_t row0 = int64_t(m) * BLOCK_M;
     const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head;
     const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head;
-    load_tile<T, D, BLOCK_M, THREADS>(sh_q + 2 * buf * BLOCK_M * D, q + row0 * p.q_s.row, p.q_s.row,
-                                      sq - row0);
+    load_tile<T, D, BLOCK_M, THREADS>(sh_q + 2 * buf * BLOCK_M * D, q + row0 * p.q_s.row,
+                                      p.q_s.row, sq - row0);
     load_tile<T, D, BLOCK_M, THREADS>(sh_do + 2 * buf * BLOCK_M * D, dout + row0 * p.dout_s.row,
                                       p.dout_s.row, sq - row0);
-    const int64_t lse_row = (int64_t(b) * p.heads_q + h) * sq + row0;
-    for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
-      const bool ok = row0 + r < sq;  // rows past the end get P = 0 and delta = 0
-      s_lse[buf * BLOCK_M + r] = ok ? p.lse[lse_row + r] * kLog2e : INFINITY;
-      s_delta[buf * BLOCK_M + r] = ok ? p.delta[lse_row + r] : 0.f;
+    const int64_t row = row0 + threadIdx.x;
+    const bool ok = threadIdx.x < BLOCK_M && row < sq;  // past the end: P = 0, delta = 0
+    const int64_t at = (int64_t(b) * p.heads_q + h) * sq + row;
+    next_lse = ok ? p.lse[at] * kLog2e : INFINITY;
+    next_delta = ok ? p.delta[at] : 0.f;
+  };
+  auto store_row_stats = [&](int buf) {
+    if (threadIdx.x < BLOCK_M) {
+      s_lse[buf * BLOCK_M + threadIdx.x] = next_lse;
+      s_delta[buf * BLOCK_M + threadIdx.x] = next_delta;
     }
   };
-  if (steps > 0) load_step(0, 0);
+  if (steps > 0) {
+    load_step(0, 0);
+    store_row_stats(0);
+  }
   tc::cp_async_commit();
 
   float dk[DT][4], dv[DT][4];
@@ -836,6 +870,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
         tc::mma_16816<T>(dk[2 * dp + 1], ads, b1);
       }
     }
+    if (step + 1 < steps) store_row_stats(buf ^ 1);  // nobody reads buf ^ 1 until the barrier
   }
 
 #pragma unroll
@@ -975,6 +1010,10 @@ __global__ void __launch_bounds__(Tile::THREADS)
   for (int dt = 0; dt < DT; ++dt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[dt][e] *= p.softmax_scale;
+  }
+  if (n_end == 0) {  // Q / dO copies never waited for (as in the forward's epilogue)
+    tc::cp_async_wait<0>();
+    tc::block_sync();
   }
   accumulators_to_smem<T, D>(s_q, dq, row0, lane);
   tc::block_sync();

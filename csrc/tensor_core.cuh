@@ -108,10 +108,12 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pre
   cp_async_16(smem_addr(dst), src, pred);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most N committed groups of this thread are still in flight.
+// Waits until at most N committed groups of this thread are still in flight. The rule of the
+// kernels: shared memory written by cp.async is read (ldmatrix or plain loads) only after this
+// wait and a block_sync; the "memory" clobber keeps the compiler from hoisting plain loads above.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {

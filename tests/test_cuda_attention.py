@@ -124,6 +124,20 @@ def test_emulated_any_scale(scale):
 
 
 @needs_emulator
+def test_emulated_no_keys():
+    # Sk == 0 (non-causal): no key block to visit. Every row is empty: O = 0, lse = -inf, as
+    # the reference; the block must still wait for its Q copies before reusing their buffer
+    # (the emulator reports copies never waited for). The cuda op returns early here; the
+    # kernel is safe anyway.
+    q = torch.randn(1, 5, 2, 64).half()
+    k = torch.randn(1, 0, 2, 64).half()
+    out, lse = cuda_emulator.flash_forward(q, k, k, False, 0.125)
+    ref_out, ref_lse = reference.attention_with_lse(q, k, k, causal=False, softmax_scale=0.125)
+    assert torch.equal(out.float(), ref_out.float()) and not out.any()
+    assert torch.equal(lse, ref_lse) and bool((lse == float("-inf")).all())
+
+
+@needs_emulator
 def test_emulated_fused_qkv_views():
     # q, k, v sliced out of one fused projection: strided over heads, no copy in the kernels.
     b, s, hq, hkv, d = 1, 65, 4, 2, 64

@@ -108,8 +108,10 @@ def _unsupported(q: Tensor) -> dict[str, str]:
     d, reasons = q.shape[-1], {}
     if d not in CUDA_HEAD_DIMS:
         reasons["cuda"] = f"head_dim {d} (cuda kernels are built for {CUDA_HEAD_DIMS})"
-    elif q.dtype == torch.float32:
-        reasons["cuda"] = "float32 inputs (cuda kernels take fp16 and bf16)"
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        reasons["cuda"] = f"{q.dtype} inputs (cuda kernels take fp16 and bf16)"
+    elif q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons["cuda"] = "GPUs before sm_80 (the kernels use sm_80 tensor-core instructions)"
     if d > TRITON_MAX_HEAD_DIM:
         reasons["triton"] = f"head_dim {d} (triton kernels take head_dim <= 256)"
     return reasons
