@@ -6,6 +6,7 @@
 // cos/sin[row, i]. fp32 math, each output rounded once; x (B, S, H, D) with unit stride along D
 // and any other strides; the output is contiguous.
 #include "common.cuh"
+#include "rotary_kernels.cuh"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -14,141 +15,6 @@
 
 namespace llama_kernels {
 namespace {
-
-// Kernels declare __launch_bounds__(max threads, 1): without the ", 1" ptxas spilled a register
-// or two (STACK:8) to reach a higher occupancy tier, seen on sm_80 and sm_90 with nvcc 13.0;
-// tests/test_cuda_build.py asserts STACK:0 for every kernel.
-constexpr int kMaxHeadDim = 256;
-constexpr int kMaxHalf = kMaxHeadDim / 2;
-// At least 128 threads per block (several tokens per block when a token has little work) so an
-// SM can be filled within its 32-resident-block limit; at most 256 threads per token.
-constexpr int kMinBlockThreads = 128;
-constexpr int kMaxThreadsPerToken = 256;
-constexpr int kMaxTokensPerBlock = kMinBlockThreads / kWarp;
-
-struct RotaryLaunch {
-  int vec;                 // pairs per thread step: 16 B of x per access, or 1 (scalar path)
-  int threads_per_token;   // blockDim.x
-  int tokens_per_block;    // blockDim.y
-  int64_t blocks;          // gridDim.x
-};
-
-// One token per block row: its table row is staged in shared memory once and serves all its
-// heads. A thread step is one unit of `vec` pairs of one head, so heads * half / vec units per
-// token; one thread per unit up to 256 (one step each for LLaMA's 32 heads x 128 in bf16:
-// 32 x 64 / 8 = 256 units), threads stride over the rest. 16-byte accesses when x's rows and
-// strides are 16-byte aligned and half is a whole number of vectors.
-constexpr RotaryLaunch rotary_launch_settings(int64_t tokens, int64_t heads, int64_t head_dim,
-                                              int elem_size, bool aligned) {
-  const int64_t half = head_dim / 2;
-  const int vec = aligned && half % (16 / elem_size) == 0 ? 16 / elem_size : 1;
-  const int64_t units = heads * (half / vec);
-  int64_t threads = next_pow2(units);
-  threads = threads < kWarp ? kWarp : threads;
-  threads = threads > kMaxThreadsPerToken ? kMaxThreadsPerToken : threads;
-  const int64_t per_block = threads >= kMinBlockThreads ? 1 : kMinBlockThreads / threads;
-  return RotaryLaunch{vec, static_cast<int>(threads), static_cast<int>(per_block),
-                      cdiv(tokens, per_block)};
-}
-static_assert(rotary_launch_settings(4096, 32, 128, 2, true).vec == 8 &&
-              rotary_launch_settings(4096, 32, 128, 2, true).threads_per_token == 256 &&
-              rotary_launch_settings(4096, 32, 128, 2, true).blocks == 4096);
-static_assert(rotary_launch_settings(10, 1, 6, 2, true).vec == 1 &&
-              rotary_launch_settings(10, 1, 6, 2, true).threads_per_token == 32 &&
-              rotary_launch_settings(10, 1, 6, 2, true).tokens_per_block == kMaxTokensPerBlock &&
-              rotary_launch_settings(10, 1, 6, 2, true).blocks == 3);
-
-// out = rotate(x) as above. Layout: blockDim = (threads_per_token, tokens_per_block); block row
-// threadIdx.y owns token blockIdx.x * blockDim.y + threadIdx.y (token = b * seqlen + s). Its
-// threads first copy the token's cos/sin row (sin negated when conjugate) into shared memory,
-// so the tables are read from global memory once per (token, pair), not once per head; then
-// each thread takes units u = threadIdx.x, + blockDim.x, ...: head u / (half / kVec), pairs
-// p .. p + kVec - 1 with p = (u % (half / kVec)) * kVec. Non-interleaved: vectors x[p..] and
-// x[half + p..]; interleaved: the 2 kVec elements x[2p .. 2p + 2 kVec).
-// Preconditions: head_dim even, <= kMaxHeadDim; blockDim.y <= kMaxTokensPerBlock; half % kVec
-// == 0, and kVec > 1 only when x and its batch/seq/head strides are 16-byte aligned; table rows
-// (positions values or s) in [0, table_rows); out contiguous (B, S, H, D), not overlapping x.
-template <typename T, int kVec, bool kInterleaved>
-__global__ void __launch_bounds__(kMaxThreadsPerToken, 1) rotary_kernel(
-    T* __restrict__ out_ptr, const T* __restrict__ x_ptr, const float* __restrict__ cos_ptr,
-    const float* __restrict__ sin_ptr, const int64_t* __restrict__ positions_ptr,
-    int64_t tokens, int64_t seqlen, int heads, int head_dim, int64_t table_rows,
-    int64_t stride_x_batch, int64_t stride_x_seq, int64_t stride_x_head,
-    bool conjugate) {
-  __shared__ float cos_s[kMaxTokensPerBlock][kMaxHalf];
-  __shared__ float sin_s[kMaxTokensPerBlock][kMaxHalf];
-  const int half = head_dim / 2;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool active = token < tokens;
-  const int64_t b = active ? token / seqlen : 0;
-  const int64_t s = active ? token - b * seqlen : 0;
-  if (active) {
-    const int64_t row = positions_ptr != nullptr ? positions_ptr[token] : s;
-    CUDA_KERNEL_ASSERT(row >= 0 && row < table_rows);
-    const float* cos_row = cos_ptr + row * half;
-    const float* sin_row = sin_ptr + row * half;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-      cos_s[threadIdx.y][i] = cos_row[i];
-      sin_s[threadIdx.y][i] = conjugate ? -sin_row[i] : sin_row[i];
-    }
-  }
-  __syncthreads();
-  if (!active) return;  // after the only barrier
-
-  const int units_per_head = half / kVec;
-  const int units = heads * units_per_head;
-  const T* x_token = x_ptr + b * stride_x_batch + s * stride_x_seq;
-  T* out_token = out_ptr + token * heads * head_dim;
-  const float* cos_t = cos_s[threadIdx.y];
-  const float* sin_t = sin_s[threadIdx.y];
-  for (int u = threadIdx.x; u < units; u += blockDim.x) {
-    const int head = u / units_per_head;
-    const int p = (u - head * units_per_head) * kVec;
-    const T* xh = x_token + head * stride_x_head;
-    T* oh = out_token + static_cast<int64_t>(head) * head_dim;
-    // This unit's 2 kVec elements as two vectors at off_a and off_b; pair k is (a[k], bb[k]).
-    const int off_a = kInterleaved ? 2 * p : p;
-    const int off_b = kInterleaved ? 2 * p + kVec : half + p;
-    float elems[2 * kVec];  // interleaved: x[2p .. 2p + 2 kVec); else x[p ..] then x[half + p ..]
-    float a[kVec], bb[kVec], oa[kVec], ob[kVec];
-    {
-      float va[kVec], vb[kVec];
-      vec_to_floats(load_vec<T, kVec>(xh + off_a), va);
-      vec_to_floats(load_vec<T, kVec>(xh + off_b), vb);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        elems[k] = va[k];
-        elems[kVec + k] = vb[k];
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      a[k] = kInterleaved ? elems[2 * k] : elems[k];
-      bb[k] = kInterleaved ? elems[2 * k + 1] : elems[kVec + k];
-    }
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float c = cos_t[p + k], sn = sin_t[p + k];
-      // No FMA contraction: the reference's separate fp32 products, so fp32 matches exactly.
-      const float ra = __fsub_rn(__fmul_rn(a[k], c), __fmul_rn(bb[k], sn));
-      const float rb = __fadd_rn(__fmul_rn(a[k], sn), __fmul_rn(bb[k], c));
-      if constexpr (kInterleaved) {
-        elems[2 * k] = ra;
-        elems[2 * k + 1] = rb;
-      } else {
-        elems[k] = ra;
-        elems[kVec + k] = rb;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      oa[k] = elems[k];
-      ob[k] = elems[kVec + k];
-    }
-    store_vec<T, kVec>(oh + off_a, floats_to_vec<T, kVec>(oa));
-    store_vec<T, kVec>(oh + off_b, floats_to_vec<T, kVec>(ob));
-  }
-}
 
 // ------------------------------------------------------------------------------ host side
 

@@ -8,6 +8,24 @@ against tests/cuda_emulator/emulator.h, an emulation of csrc/tensor_core.cuh.
     flash_backward(dout, q, k, v, out, lse, causal, softmax_scale, schedule_seed=None)
                                                                                -> (dq, dk, dv)
 
+The row ops (csrc/swiglu_kernels.cuh, rms_norm_kernels.cuh, rotary_kernels.cuh), each through
+its host file's launch path (swiglu_emu.cpp, rms_norm_emu.cpp, rotary_emu.cpp), on CPU fp32 /
+fp16 / bf16 tensors:
+
+    swiglu_fwd(gate, up)                         -> out
+    swiglu_bwd(dout, gate, up)                   -> (dgate, dup)
+    rms_norm_fwd(x, weight, eps, residual=None)  -> (y, rstd), or (y, h, rstd) with a residual
+    rms_norm_bwd(dy, x, weight, rstd, dh=None)   -> (dx, dweight)
+    rotary(x, cos, sin, positions=None, interleaved=False, conjugate=False) -> out
+
+Each takes schedule_seed= as the attention wrappers do, and launch=: a dict that receives the
+launch settings the host file would have used (vec, blocks, ...), so that a test can assert
+which path (scalar or 16-byte vectors, register items or wide rows) it ran. SwiGLU and the
+RMSNorm backward size their grids by the SM count and occupancy: num_sms (default 8, a small
+GPU) and blocks_per_sm (None: full occupancy by threads) stand in for the driver's answers.
+Outputs sit between NaN guard bands; every load_vec / store_vec is checked against the spans of
+the tensors passed (emulator.h, check_global_access).
+
 The wrappers take CPU fp16/bf16 tensors q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) with any
 strides whose last is 1 (rows not 16-byte aligned are copied first, as flash_attention.cu
 does), and return contiguous outputs that were allocated between NaN guard bands: a kernel
@@ -49,7 +67,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(REPO, "csrc")
-FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
+# -fno-strict-aliasing: CUDA code reinterprets registers freely (device_common.cuh packs a
+# Vec<__nv_bfloat16, 8> through __nv_bfloat162 pointers), which nvcc honours; g++ -O2 under
+# strict aliasing dropped those stores (SwiGLU's bf16 vector path returned zeros).
+FLAGS = ["-std=c++17", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
 HEAD_DIMS = (64, 128)
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _ERR_BYTES = 4096
@@ -327,3 +348,217 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     for g, name in zip(grads, ("dq", "dk", "dv")):
         g.check(name)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- row-op wrappers
+
+_ROW_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+_I, _L = ctypes.c_int, ctypes.c_int64
+_ROW_SIG = {
+    # dtype, out, gate, up, rows, cols, stride_gate_row, stride_up_row, num_sms,
+    # blocks_per_sm, info
+    "swiglu_fwd_emu": [_I, _P, _P, _P, _L, _L, _L, _L, _I, _I, _P],
+    # dtype, dgate, dup, dout, gate, up, rows, cols, stride (dout, gate, up), num_sms,
+    # blocks_per_sm, info
+    "swiglu_bwd_emu": [_I, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I, _I, _P],
+    # dtype, y, h, rstd, x, residual, weight, rows, dim, stride_x_row, stride_residual_row,
+    # eps, info
+    "rms_norm_fwd_emu": [_I, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_float, _P],
+    # dtype, dx, dweight, dy, x, weight, rstd, dh, rows, dim, stride (dy, x, dh), num_sms,
+    # blocks_per_sm, info
+    "rms_norm_bwd_emu": [_I, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I, _I, _P],
+    # dtype, out, x, cos, sin, positions, batch, seqlen, heads, head_dim, table_rows,
+    # stride_x (batch, seq, head), interleaved, conjugate, info
+    "rotary_emu": [_I, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _L, _L, _I, _I, _P],
+}
+_ROW_SOURCES = ["rows_emu.cpp", "swiglu_emu.cpp", "rms_norm_emu.cpp", "rotary_emu.cpp"]
+_ROW_BAND = 1024  # elements of NaN before and after each output
+
+
+def _rows_lib() -> ctypes.CDLL:
+    lib = build("rows_emu", _ROW_SOURCES)
+    for fn, sig in _ROW_SIG.items():
+        getattr(lib, fn).argtypes = sig + [ctypes.c_char_p, ctypes.c_size_t]
+        getattr(lib, fn).restype = ctypes.c_int
+    lib.emu_register_global.argtypes = [_P, ctypes.c_size_t]
+    return lib
+
+
+def _check_rows(t: torch.Tensor, name: str, dtype, shape=None, dims: int = 2) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: the emulator runs on CPU tensors, got one on {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.dim() != dims or (shape is not None and tuple(t.shape) != tuple(shape)):
+        want = f"{dims} dimensions" if shape is None else f"shape {tuple(shape)}"
+        raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride in the last dimension, got {t.stride()}")
+
+
+def _row_dtype(t: torch.Tensor) -> int:
+    if t.dtype not in _ROW_DTYPE_CODE:
+        raise ValueError(f"expected float32, float16 or bfloat16, got {t.dtype}")
+    return _ROW_DTYPE_CODE[t.dtype]
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _occupancy(blocks_per_sm: int | None) -> int:
+    return 0 if blocks_per_sm is None else blocks_per_sm
+
+
+def _fill(launch: dict | None, keys, info) -> None:
+    if launch is not None:
+        launch.update({k: int(v) for k, v in zip(keys, info)})
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, num_sms: int = 8,
+               blocks_per_sm: int | None = None, launch: dict | None = None,
+               schedule_seed: int | None = None) -> torch.Tensor:
+    """silu(gate) * up for (rows, cols) views with unit column stride, as swiglu.cu."""
+    seed = _seed(schedule_seed)
+    code = _row_dtype(gate)
+    _check_rows(gate, "gate", gate.dtype)
+    _check_rows(up, "up", gate.dtype, gate.shape)
+    rows, cols = gate.shape
+    out = _Guarded(gate.shape, gate.dtype, _ROW_BAND)
+    info = (_L * 2)()
+    lib = _rows_lib()
+    _invoke(lib, lib.swiglu_fwd_emu,
+            (code, out.view.data_ptr(), gate.data_ptr(), up.data_ptr(), rows, cols,
+             gate.stride(0), up.stride(0), num_sms, _occupancy(blocks_per_sm), info),
+            seed, tensors=(gate, up, out.view))
+    out.check("out")
+    _fill(launch, ("vec", "blocks"), info)
+    return out.view
+
+
+def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, num_sms: int = 8,
+               blocks_per_sm: int | None = None, launch: dict | None = None,
+               schedule_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup), contiguous, as swiglu.cu."""
+    seed = _seed(schedule_seed)
+    code = _row_dtype(gate)
+    _check_rows(gate, "gate", gate.dtype)
+    _check_rows(up, "up", gate.dtype, gate.shape)
+    _check_rows(dout, "dout", gate.dtype, gate.shape)
+    rows, cols = gate.shape
+    dgate, dup = (_Guarded(gate.shape, gate.dtype, _ROW_BAND) for _ in range(2))
+    info = (_L * 2)()
+    lib = _rows_lib()
+    _invoke(lib, lib.swiglu_bwd_emu,
+            (code, dgate.view.data_ptr(), dup.view.data_ptr(), dout.data_ptr(), gate.data_ptr(),
+             up.data_ptr(), rows, cols, dout.stride(0), gate.stride(0), up.stride(0), num_sms,
+             _occupancy(blocks_per_sm), info),
+            seed, tensors=(dout, gate, up, dgate.view, dup.view))
+    dgate.check("dgate")
+    dup.check("dup")
+    _fill(launch, ("vec", "blocks"), info)
+    return dgate.view, dup.view
+
+
+_ROW_LAUNCH_KEYS = ("vec", "items", "threads_per_row", "rows_per_block", "blocks")
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None, *, launch: dict | None = None,
+                 schedule_seed: int | None = None):
+    """(y, rstd), or (y, h, rstd) with h = round(x + residual), as rms_norm.cu."""
+    seed = _seed(schedule_seed)
+    code = _row_dtype(x)
+    _check_rows(x, "x", x.dtype)
+    rows, dim = x.shape
+    _check_rows(weight, "weight", x.dtype, (dim,), dims=1)
+    weight = weight.contiguous()
+    if residual is not None:
+        _check_rows(residual, "residual", x.dtype, x.shape)
+    y = _Guarded(x.shape, x.dtype, _ROW_BAND)
+    h = _Guarded(x.shape, x.dtype, _ROW_BAND) if residual is not None else None
+    rstd = _Guarded((rows,), torch.float32, _ROW_BAND)
+    info = (_L * 5)()
+    lib = _rows_lib()
+    inputs = (x, weight) if residual is None else (x, residual, weight)
+    outputs = (y.view, rstd.view) if h is None else (y.view, h.view, rstd.view)
+    _invoke(lib, lib.rms_norm_fwd_emu,
+            (code, y.view.data_ptr(), None if h is None else h.view.data_ptr(),
+             rstd.view.data_ptr(), x.data_ptr(), _ptr(residual), weight.data_ptr(), rows, dim,
+             x.stride(0), 0 if residual is None else residual.stride(0), eps, info),
+            seed, tensors=inputs + outputs)
+    for g, name in ((y, "y"), (h, "h"), (rstd, "rstd")):
+        if g is not None:
+            g.check(name)
+    _fill(launch, _ROW_LAUNCH_KEYS, info)
+    return outputs
+
+
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 dh: torch.Tensor | None = None, *, num_sms: int = 8,
+                 blocks_per_sm: int | None = None, launch: dict | None = None,
+                 schedule_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight): the backward kernel's fp32 partials summed by rms_norm_dw_kernel."""
+    seed = _seed(schedule_seed)
+    code = _row_dtype(x)
+    _check_rows(x, "x", x.dtype)
+    rows, dim = x.shape
+    _check_rows(dy, "dy", x.dtype, x.shape)
+    _check_rows(weight, "weight", x.dtype, (dim,), dims=1)
+    _check_rows(rstd, "rstd", torch.float32, (rows,), dims=1)
+    weight, rstd = weight.contiguous(), rstd.contiguous()
+    if dh is not None:
+        _check_rows(dh, "dh", x.dtype, x.shape)
+    dx = _Guarded(x.shape, x.dtype, _ROW_BAND)
+    dweight = _Guarded((dim,), x.dtype, _ROW_BAND)
+    if rows == 0:
+        dweight.view.zero_()
+    info = (_L * 5)()
+    lib = _rows_lib()
+    inputs = (dy, x, weight, rstd) + (() if dh is None else (dh,))
+    _invoke(lib, lib.rms_norm_bwd_emu,
+            (code, dx.view.data_ptr(), dweight.view.data_ptr(), dy.data_ptr(), x.data_ptr(),
+             weight.data_ptr(), rstd.data_ptr(), _ptr(dh), rows, dim, dy.stride(0), x.stride(0),
+             0 if dh is None else dh.stride(0), num_sms, _occupancy(blocks_per_sm), info),
+            seed, tensors=inputs + (dx.view, dweight.view))
+    dx.check("dx")
+    dweight.check("dweight")
+    _fill(launch, _ROW_LAUNCH_KEYS, info)
+    return dx.view, dweight.view
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           positions: torch.Tensor | None = None, interleaved: bool = False,
+           conjugate: bool = False, *, launch: dict | None = None,
+           schedule_seed: int | None = None) -> torch.Tensor:
+    """x (B, S, H, D) rotated by the (rows, D/2) fp32 tables at positions (B, S) int64, or at
+    row s without; contiguous out, as rotary.cu (conjugate: the backward, rotation by -t)."""
+    seed = _seed(schedule_seed)
+    code = _row_dtype(x)
+    _check_rows(x, "x", x.dtype, dims=4)
+    b, s, h, d = x.shape
+    if d % 2 or d > 256:
+        raise ValueError(f"x: head_dim {d}: the kernel takes even head_dim up to 256")
+    _check_rows(cos, "cos", torch.float32, dims=2)
+    _check_rows(sin, "sin", torch.float32, cos.shape)
+    if cos.shape[1] != d // 2:
+        raise ValueError(f"cos: expected {d // 2} columns, got {tuple(cos.shape)}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if positions is not None:
+        _check_rows(positions, "positions", torch.int64, (b, s))
+        positions = positions.contiguous()
+    elif cos.shape[0] < s:
+        raise ValueError(f"cos: expected at least {s} rows without positions")
+    out = _Guarded(x.shape, x.dtype, _ROW_BAND)
+    info = (_L * 4)()
+    lib = _rows_lib()
+    tensors = (x, cos, sin, out.view) + (() if positions is None else (positions,))
+    _invoke(lib, lib.rotary_emu,
+            (code, out.view.data_ptr(), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+             _ptr(positions), b, s, h, d, cos.shape[0], x.stride(0), x.stride(1), x.stride(2),
+             int(interleaved), int(conjugate), info),
+            seed, tensors=tensors)
+    out.check("out")
+    _fill(launch, ("vec", "threads_per_token", "tokens_per_block", "blocks"), info)
+    return out.view
+

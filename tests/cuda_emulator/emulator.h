@@ -1,5 +1,6 @@
-// Host emulation of the CUDA subset the attention kernels are written in, so that g++ can
-// compile csrc/flash_attention_kernels.cuh unchanged and run it on the CPU.
+// Host emulation of the CUDA subset the attention and row kernels are written in, so that g++
+// can compile csrc/flash_attention_kernels.cuh and the row kernels (csrc/swiglu_kernels.cuh,
+// rms_norm_kernels.cuh, rotary_kernels.cuh) unchanged and run them on the CPU.
 //
 // What it is for: checking fragment layouts, swizzles, masks and pipeline order without a GPU.
 // The kernels reach the hardware only through llama_kernels::tc (csrc/tensor_core.cuh), so
@@ -26,9 +27,15 @@
 //   - deadlocks (barriers some threads never reach), warp collectives called divergently,
 //     threads that exit with cp.async copies in flight, and over-limit launches throw
 //     std::runtime_error, to be caught at the extern "C" boundary.
-// Not emulated: timing, static __shared__, atomics, bank conflicts, the memory model (threads
-// switch only at collectives, barriers and, with a seed, cp.async: a race between plain loads
-// and stores with none of those in between shows only as wrong values, not as poison).
+//   - load_vec / store_vec (csrc/device_common.cuh) check that an access is aligned to its
+//     size and lies inside one registered global range; CUDA_KERNEL_ASSERT throws.
+// Static __shared__ arrays (the row kernels' reduction scratch and rotary's table rows):
+// `#define __shared__ static` gives a kernel specialization one copy of each, which is one copy
+// per block because blocks run one after another, never concurrently. They are not poisoned
+// per block (they keep the previous block's values), unlike the dynamic shared memory above.
+// Not emulated: timing, atomics, bank conflicts, the memory model (threads switch only at
+// collectives, barriers and, with a seed, cp.async: a race between plain loads and stores with
+// none of those in between shows only as wrong values, not as poison).
 #pragma once
 
 #define LLAMA_KERNELS_EMULATOR 1
@@ -56,6 +63,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+// One copy per kernel specialization = one per block, as blocks never run concurrently (top of
+// this file). Only for arrays declared inside kernels: `extern __shared__` is not supported.
+#define __shared__ static
 // __restrict__ is a g++ keyword already; `#pragma unroll` is ignored (-Wno-unknown-pragmas).
 
 struct dim3 {
@@ -84,6 +94,12 @@ inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+// Round-to-nearest products and sums: what plain float operations are on the host (g++ does
+// not contract them into FMAs without -mfma).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 
 // ------------------------------------------------------------------ 16-bit floats
 
@@ -155,6 +171,20 @@ inline float __half2float(__half h) { return float(h); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 inline float __bfloat162float(__nv_bfloat16 h) { return float(h); }
+
+// The two-lane types and their conversions (cuda_fp16.h / cuda_bf16.h): .x is the low half.
+struct alignas(4) __half2 {
+  __half x, y;
+};
+struct alignas(4) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+inline float2 __half22float2(__half2 p) { return {float(p.x), float(p.y)}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 p) { return {float(p.x), float(p.y)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return {__nv_bfloat16(a), __nv_bfloat16(b)};
+}
 
 // ------------------------------------------------------------------ fiber scheduler
 
@@ -484,6 +514,20 @@ inline void register_global(const void* ptr, size_t bytes) {
 }
 inline void clear_globals() { detail::g.globals.clear(); }
 
+// A plain global load or store of `bytes` bytes (a 16-byte vector or one element): aligned to
+// its size, as the hardware requires, and inside one registered range (an out-of-bounds read
+// is silent on a GPU, and a write may land in another allocation).
+inline void check_global_access(const void* p, size_t bytes, const char* what) {
+  const char* c = static_cast<const char*>(p);
+  if (reinterpret_cast<uintptr_t>(p) % bytes)
+    detail::fail(std::string(what) + ": address " + detail::hex(p) + " is not " +
+                 std::to_string(bytes) + "-byte aligned");
+  for (const auto& r : detail::g.globals)
+    if (c >= r.first && c + bytes <= r.second) return;
+  detail::fail(std::string(what) + ": " + std::to_string(bytes) + " bytes at " + detail::hex(p) +
+               " are outside every registered global range");
+}
+
 // 0 (the default): round-robin; any other value: the random schedule it seeds (see the top of
 // this file). Applies to the launches that follow, until set again.
 inline void set_schedule_seed(uint64_t seed) { detail::g.schedule_seed = seed; }
@@ -729,3 +773,27 @@ __device__ __forceinline__ char* dynamic_smem() { return emu::detail::g.smem; }
 
 }  // namespace tc
 }  // namespace llama_kernels
+
+// ------------------------------------------------------------------ CUDA intrinsics of the row kernels
+//
+// The row kernels (csrc/*_kernels.cuh, csrc/device_common.cuh) use CUDA's own names, not tc::.
+
+// Every lane named in `mask` must take part: the row kernels pass the full mask from full warps.
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  const int lanes = emu::detail::g.warps[emu::detail::g.current->warp].lanes;
+  const unsigned all = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+  if (mask != all) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "__shfl_xor_sync: mask 0x%08x is not the warp's %d lanes",
+                  mask, lanes);
+    emu::detail::fail(buf);
+  }
+  return llama_kernels::tc::shfl_xor(v, lane_mask);
+}
+
+inline void __syncthreads() { llama_kernels::tc::block_sync(); }
+
+#define CUDA_KERNEL_ASSERT(cond)                                            \
+  do {                                                                      \
+    if (!(cond)) emu::detail::fail("CUDA_KERNEL_ASSERT failed: " #cond);    \
+  } while (0)

@@ -1,0 +1,148 @@
+// Device-side helpers of the row kernels: fp32 conversions, 16-byte vector loads and stores,
+// warp/block reductions. Torch-free, so that the kernel headers (csrc/*_kernels.cuh) compile
+// both in the extension (through common.cuh) and on the host emulator
+// (tests/cuda_emulator/emulator.h, which must be included first and provides the CUDA names
+// used here: __half2, __shfl_xor_sync, __syncthreads, blockDim, threadIdx, ...).
+#pragma once
+
+#ifndef LLAMA_KERNELS_EMULATOR
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+
+namespace llama_kernels {
+
+constexpr int kWarp = 32;
+constexpr int kMaxThreadsPerSm = 2048;  // resident threads per SM on sm_80 and sm_90
+
+__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// N elements of T in one aligned register bundle; with sizeof(T) * N == 16 a load or store of
+// it compiles to a single 128-bit instruction (LDG.E.128 / STG.E.128).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T>
+constexpr int kVec16 = 16 / sizeof(T);  // elements per 16-byte access: 4 fp32, 8 fp16/bf16
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* ptr) {
+#ifdef LLAMA_KERNELS_EMULATOR  // alignment and bounds, which a GPU reports as a fault or not at all
+  emu::check_global_access(ptr, sizeof(Vec<T, N>), "load_vec");
+#endif
+  return *reinterpret_cast<const Vec<T, N>*>(ptr);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& v) {
+#ifdef LLAMA_KERNELS_EMULATOR
+  emu::check_global_access(ptr, sizeof(Vec<T, N>), "store_vec");
+#endif
+  *reinterpret_cast<Vec<T, N>*>(ptr) = v;
+}
+
+// fp32 <-> vector conversions, two 16-bit lanes at a time for fp16/bf16 (one F2FP pack per pair
+// on sm_80+): converting lane by lane left ptxas building 128-bit stores from single 16-bit
+// registers and spilling them. Round to nearest even, as from_float.
+template <typename T>
+struct Pair;  // the two-lane type of T
+template <>
+struct Pair<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 to_float2(type p) { return __half22float2(p); }
+  static __device__ __forceinline__ type from_floats(float a, float b) {
+    return __floats2half2_rn(a, b);
+  }
+};
+template <>
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(type p) { return __bfloat1622float2(p); }
+  static __device__ __forceinline__ type from_floats(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+  }
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void vec_to_floats(const Vec<T, N>& v, float (&f)[N]) {
+  if constexpr (sizeof(T) == 2 && N % 2 == 0) {
+    using P = Pair<T>;
+    const auto* p = reinterpret_cast<const typename P::type*>(v.v);
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      const float2 f2 = P::to_float2(p[k]);
+      f[2 * k] = f2.x;
+      f[2 * k + 1] = f2.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) f[k] = to_float(v.v[k]);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> floats_to_vec(const float (&f)[N]) {
+  Vec<T, N> v;
+  if constexpr (sizeof(T) == 2 && N % 2 == 0) {
+    using P = Pair<T>;
+    auto* p = reinterpret_cast<typename P::type*>(v.v);
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) p[k] = P::from_floats(f[2 * k], f[2 * k + 1]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v.v[k] = from_float<T>(f[k]);
+  }
+  return v;
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the result. Assumes a full warp.
+__device__ __forceinline__ float warp_reduce_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the threads of one row of a (threads_per_row, rows_per_block) block: warp shuffle,
+// then shared memory when a row spans several warps; every thread of the row gets its row's sum.
+// Assumes blockDim.x % 32 == 0 (so no warp straddles two rows; any multiple of 32 works, a
+// power of two is not needed), blockDim.x <= 1024, that `scratch` (shared memory) has blockDim.y
+// rows, and that every thread of the block calls it (it holds barriers unless blockDim.x == 32).
+// The leading barrier makes it safe to call again with the same scratch (e.g. in a row loop).
+__device__ __forceinline__ float row_reduce_sum(float v, float (*scratch)[32]) {
+  v = warp_reduce_sum(v);
+  if (blockDim.x == 32) return v;  // one warp per row: the shuffle was the whole reduction
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  __syncthreads();
+  if (lane == 0) scratch[threadIdx.y][warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? scratch[threadIdx.y][lane] : 0.f;
+  return warp_reduce_sum(v);
+}
+
+__host__ __device__ constexpr int64_t next_pow2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+}  // namespace llama_kernels

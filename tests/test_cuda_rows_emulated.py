@@ -1,0 +1,272 @@
+"""The CUDA row kernels (csrc/swiglu_kernels.cuh, rms_norm_kernels.cuh, rotary_kernels.cuh) run
+on the host emulator (tests/cuda_emulator), through the launch path of their host files: the
+same alignment tests, launch-settings functions and specializations, an 8-SM GPU by default.
+
+What this proves without a GPU: the index arithmetic (SwiGLU's grid-stride walk, the RMSNorm
+row/block layout and its wide-row path, rotary's units and table staging), the scalar and the
+16-byte vector paths (each test asserts which one ran), the warp/block reductions and their
+barriers (shuffles and __syncthreads are emulated collectives; a few random schedules must give
+bitwise-equal results), the dw partials (NaN until written) and their fixed-order sum, bounds
+(every vector load/store is checked against the tensors' spans; outputs sit between NaN guard
+bands), all against reference.py with helpers.assert_close (twice eager's error, STYLE.md rule
+8). What it cannot prove: timing, occupancy, the real intrinsics' last-ulp behaviour (rsqrtf
+and expf are exact here), and wasted work: an elementwise walk that visits some vectors twice
+but skips none writes the right values (SwiGLU's walk without its `++row` on a wrap passes);
+tests/test_ops.py runs the built kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cuda_emulator as emu
+from helpers import assert_close
+from llama_kernels import reference as ref
+
+OK, WHY = emu.available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"CUDA emulator: {WHY}")
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+EPS = 1e-6
+
+
+def _vec16(dtype) -> int:
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def _rows(rows, cols, dtype, layout, seed, scale=1.0):
+    """Two (rows, cols) operands: "contig"; "fused" (the two halves of one (rows, 2 cols)
+    tensor, as gate/up of a fused projection: row stride 2 cols); "misaligned" (starting one
+    element into a buffer: never 16-byte aligned, so the scalar path)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        return (torch.randn(n, generator=gen) * scale).to(dtype)
+
+    if layout == "contig":
+        return draw(rows * cols).view(rows, cols), draw(rows * cols).view(rows, cols)
+    if layout == "fused":
+        both = draw(rows * 2 * cols).view(rows, 2 * cols)
+        return both[:, :cols], both[:, cols:]
+    assert layout == "misaligned"
+    return (draw(rows * cols + 1)[1:].view(rows, cols),
+            draw(rows * cols + 1)[1:].view(rows, cols))
+
+
+def _expect_vec(dtype, cols, layout, stride_cols=None) -> int:
+    stride = cols if stride_cols is None else stride_cols
+    v = _vec16(dtype)
+    aligned = layout != "misaligned" and (stride * 16 // v) % 16 == 0
+    return v if aligned and cols % v == 0 else 1
+
+
+def _eager_grads(fn, inputs, grad_out, n_out=1):
+    """Gradients of fn(*inputs) in the inputs' dtype (eager PyTorch, for the tolerance)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    return torch.autograd.grad(outs[:n_out], leaves, [grad_out.to(outs[0].dtype)])
+
+
+def _finite_or(eager: torch.Tensor, ref32: torch.Tensor) -> torch.Tensor:
+    # Where eager in 16 bits overflows, the rounded fp32 answer sets the bound (as check_fwd_bwd).
+    return eager if torch.isfinite(eager).all() else ref32.to(eager.dtype)
+
+
+# ------------------------------------------------------------------------------------- SwiGLU
+
+SWIGLU_SHAPES = [(1, 1), (3, 123), (37, 256), (1, 4096), (37, 4096), (3, 6656)]
+
+
+@pytest.mark.parametrize("layout", ["contig", "fused", "misaligned"])
+@pytest.mark.parametrize("rows,cols", SWIGLU_SHAPES, ids=[f"{r}x{c}" for r, c in SWIGLU_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu(dtype, rows, cols, layout):
+    gate, up = _rows(rows, cols, dtype, layout, seed=rows * 7919 + cols)
+    launch = {}
+    out = emu.swiglu_fwd(gate, up, launch=launch)
+    stride = 2 * cols if layout == "fused" else cols
+    assert launch["vec"] == _expect_vec(dtype, cols, layout, stride)
+    assert_close(out, ref.swiglu(gate.float(), up.float()), ref.swiglu(gate, up, upcast=False))
+
+    dout = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dgate, dup = emu.swiglu_bwd(dout, gate, up, launch=launch)
+    r_dgate, r_dup = ref.swiglu_backward(dout.float(), gate.float(), up.float())
+    e_dgate, e_dup = _eager_grads(lambda g, u: ref.swiglu(g, u, upcast=False), (gate, up), dout)
+    assert_close(dgate, r_dgate, _finite_or(e_dgate, r_dgate), "dgate")
+    assert_close(dup, r_dup, _finite_or(e_dup, r_dup), "dup")
+
+
+# One resident block of 256 threads on one SM: the grid-stride walk takes many steps and wraps
+# rows by more than one per step (step 256 vectors over rows of 7, 123 or 1 vectors).
+@pytest.mark.parametrize("rows,cols,layout", [(37, 56, "contig"), (37, 123, "contig"),
+                                              (300, 1, "contig"), (19, 56, "fused")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_one_block_grid_stride(dtype, rows, cols, layout):
+    gate, up = _rows(rows, cols, dtype, layout, seed=cols)
+    launch = {}
+    out = emu.swiglu_fwd(gate, up, num_sms=1, blocks_per_sm=1, launch=launch)
+    assert launch["blocks"] == 1
+    assert_close(out, ref.swiglu(gate.float(), up.float()), ref.swiglu(gate, up, upcast=False))
+    dgate, dup = emu.swiglu_bwd(up, gate, up, num_sms=1, blocks_per_sm=1)
+    r_dgate, r_dup = ref.swiglu_backward(up.float(), gate.float(), up.float())
+    e_dgate, e_dup = _eager_grads(lambda g, u: ref.swiglu(g, u, upcast=False), (gate, up), up)
+    assert_close(dgate, r_dgate, e_dgate, "dgate")
+    assert_close(dup, r_dup, e_dup, "dup")
+
+
+# ------------------------------------------------------------------------------------ RMSNorm
+
+# Rows from 1 to 37, widths 1, 123 (one warp, scalar), 256, 4096, 6656 (vectors when
+# aligned), 8193 (the scalar wide-row path); test_rms_norm_paths covers every specialization.
+RMS_SHAPES = [(1, 1), (3, 123), (37, 256), (37, 4096), (3, 6656), (1, 8193)]
+
+
+def _rms_inputs(rows, dim, dtype, layout, seed):
+    x, res = _rows(rows, dim, dtype, layout, seed)
+    w = (1 + 0.1 * torch.randn(dim, generator=torch.Generator().manual_seed(seed + 1))).to(dtype)
+    return x, res, w
+
+
+def _expect_rms_vec(dtype, dim, layout):
+    v = _vec16(dtype)
+    return v if layout != "misaligned" and dim % v == 0 else 1
+
+
+def _check_rms_norm(x, res, w, layout) -> tuple[dict, dict]:
+    """Forward, add + forward, backward with and without dh against the reference; returns the
+    forward's and the backward's launch settings."""
+    rows, dim = x.shape
+    dtype = x.dtype
+    fwd, bwd = {}, {}
+    y, rstd = emu.rms_norm_fwd(x, w, EPS, launch=fwd)
+    assert fwd["vec"] == _expect_rms_vec(dtype, dim, layout)
+    assert_close(y, ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS, upcast=False))
+    r_rstd = ref.rms_norm_rstd(x, EPS)
+    assert_close(rstd, r_rstd, r_rstd, "rstd")
+
+    # Residual add: h is round(x + residual) exactly, y the norm of the rounded h.
+    y2, h, rstd2 = emu.rms_norm_fwd(x, w, EPS, residual=res)
+    assert torch.equal(h, (x.float() + res.float()).to(dtype)), "h"
+    assert_close(y2, ref.rms_norm(h.float(), w.float(), EPS), ref.rms_norm(h, w, EPS, upcast=False))
+    assert_close(rstd2, ref.rms_norm_rstd(h, EPS), ref.rms_norm_rstd(h, EPS), "rstd (add)")
+
+    gen = torch.Generator().manual_seed(dim)
+    dy = torch.randn(rows, dim, generator=gen).to(dtype)
+    dh = torch.randn(rows, dim, generator=gen).to(dtype)
+    e_dx, e_dw = _eager_grads(lambda a, b: ref.rms_norm(a, b, EPS, upcast=False), (x, w), dy)
+    for with_dh in (False, True):
+        dx, dw = emu.rms_norm_bwd(dy, x, w, rstd, dh if with_dh else None, launch=bwd)
+        assert bwd["vec"] == _expect_rms_vec(dtype, dim, layout)
+        r_dx, r_dw = ref.rms_norm_backward(dy.float(), x.float(), w.float(), rstd,
+                                           dh.float() if with_dh else None)
+        eager_dx = e_dx + dh if with_dh else e_dx
+        assert_close(dx, r_dx, _finite_or(eager_dx, r_dx), f"dx (dh={with_dh})")
+        assert_close(dw, r_dw, _finite_or(e_dw, r_dw), f"dweight (dh={with_dh})")
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("layout", ["contig", "misaligned"])
+@pytest.mark.parametrize("rows,dim", RMS_SHAPES, ids=[f"{r}x{d}" for r, d in RMS_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype, rows, dim, layout):
+    x, res, w = _rms_inputs(rows, dim, dtype, layout, seed=rows + dim)
+    _check_rms_norm(x, res, w, layout)
+
+
+# One row each, chosen so that together they reach every specialization family the host files
+# can pick: (vectors?, items) with items 4 / 8 / 16 (scalar only) in registers, 0 = wide rows.
+PATH_CASES = [(torch.bfloat16, 4096, "contig"), (torch.float32, 6656, "contig"),
+              (torch.bfloat16, 32768, "contig"), (torch.bfloat16, 65536, "contig"),
+              (torch.float32, 123, "contig"), (torch.float32, 2048, "misaligned"),
+              (torch.float32, 4095, "contig"), (torch.float32, 6656, "misaligned"),
+              (torch.float32, 8193, "contig")]
+
+
+def test_rms_norm_paths():
+    seen = set()
+    for dtype, dim, layout in PATH_CASES:
+        x, res, w = _rms_inputs(1, dim, dtype, layout, seed=dim)
+        fwd, bwd = _check_rms_norm(x, res, w, layout)
+        seen |= {("fwd", fwd["vec"] > 1, fwd["items"]), ("bwd", bwd["vec"] > 1, bwd["items"])}
+    families = {(k, v, i) for k in ("fwd", "bwd") for v in (True, False) for i in (0, 4, 8, 16)
+                if not (v and i == 16)}
+    assert seen == families, sorted(families - seen)
+
+
+# Few slots (1 SM, 1 resident block): each block row of the backward walks many rows and sums
+# dw over them in registers; 4 rows per block for one-warp rows.
+@pytest.mark.parametrize("rows,dim", [(37, 123), (37, 256), (11, 4096)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_bwd_persistent(dtype, rows, dim):
+    x, dy, w = _rms_inputs(rows, dim, dtype, "contig", seed=dim)
+    rstd = ref.rms_norm_rstd(x, EPS)
+    launch = {}
+    dx, dw = emu.rms_norm_bwd(dy, x, w, rstd, num_sms=1, blocks_per_sm=1, launch=launch)
+    assert launch["blocks"] == 1
+    r_dx, r_dw = ref.rms_norm_backward(dy.float(), x.float(), w.float(), rstd)
+    e_dx, e_dw = _eager_grads(lambda a, b: ref.rms_norm(a, b, EPS, upcast=False), (x, w), dy)
+    assert_close(dx, r_dx, e_dx, "dx")
+    assert_close(dw, r_dw, e_dw, "dweight")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_rms_norm_schedules_bitwise(seed):
+    """Random schedules (warps far ahead of each other) give the round-robin result bit for bit:
+    the reductions' barriers are where they must be."""
+    x, dy, w = _rms_inputs(5, 1000, torch.bfloat16, "contig", seed=5)
+    base = emu.rms_norm_fwd(x, w, EPS, schedule_seed=0) + emu.rms_norm_bwd(
+        dy, x, w, ref.rms_norm_rstd(x, EPS), num_sms=1, blocks_per_sm=1, schedule_seed=0)
+    other = emu.rms_norm_fwd(x, w, EPS, schedule_seed=seed) + emu.rms_norm_bwd(
+        dy, x, w, ref.rms_norm_rstd(x, EPS), num_sms=1, blocks_per_sm=1, schedule_seed=seed)
+    for a, b in zip(base, other):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- rotary
+
+# (batch, seqlen, heads, head_dim, layout): head_dim 6 (half 3: scalar), 64 and 128 (16-byte
+# vectors when aligned), 256 (the largest); layouts "contig", "bhsd" (x a transposed view:
+# strides (H S D, D, S D)), "misaligned" (one element in: scalar path).
+ROTARY_CASES = [(1, 1, 1, 6, "contig"), (2, 5, 3, 64, "contig"), (2, 7, 4, 128, "bhsd"),
+                (1, 9, 2, 128, "misaligned"), (3, 3, 1, 256, "contig"), (1, 37, 2, 6, "bhsd")]
+
+
+def _rotary_x(b, s, h, d, dtype, layout, gen):
+    if layout == "bhsd":
+        return torch.randn(b, h, s, d, generator=gen).to(dtype).transpose(1, 2)
+    if layout == "misaligned":
+        return torch.randn(b * s * h * d + 1, generator=gen).to(dtype)[1:].view(b, s, h, d)
+    return torch.randn(b, s, h, d, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("with_positions", [False, True], ids=["rows", "positions"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("b,s,h,d,layout", ROTARY_CASES,
+                         ids=[f"{b}x{s}x{h}x{d}-{lay}" for b, s, h, d, lay in ROTARY_CASES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary(dtype, b, s, h, d, layout, interleaved, with_positions):
+    gen = torch.Generator().manual_seed(b * 1000 + s * 10 + d)
+    x = _rotary_x(b, s, h, d, dtype, layout, gen)
+    table_rows = 2 * s + 3
+    cos, sin = ref.rotary_tables(table_rows, d)
+    positions = torch.randint(0, table_rows, (b, s), generator=gen) if with_positions else None
+    launch = {}
+    for conjugate in (False, True):  # the forward, and the backward (rotation by -t)
+        out = emu.rotary(x, cos, sin, positions, interleaved, conjugate, launch=launch)
+        v = _vec16(dtype)
+        assert launch["vec"] == (v if layout != "misaligned" and (d // 2) % v == 0 else 1)
+        kw = dict(interleaved=interleaved, positions=positions, conjugate=conjugate)
+        assert_close(out, ref.apply_rotary(x.float(), cos, sin, **kw),
+                     ref.apply_rotary(x, cos, sin, upcast=False, **kw), f"conjugate={conjugate}")
+
+
+def test_rotary_position_out_of_table():
+    """A position outside the table is the kernel's CUDA_KERNEL_ASSERT, which the emulator
+    raises."""
+    x = torch.randn(1, 2, 1, 8)
+    cos, sin = ref.rotary_tables(4, 8)
+    with pytest.raises(emu.EmulatorError, match="CUDA_KERNEL_ASSERT"):
+        emu.rotary(x, cos, sin, torch.tensor([[0, 4]]))
