@@ -140,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
     lse_partial = at::empty({p.num_splits, b, hq, sq}, lse.options());
     p.o_partial = o_partial.data_ptr<float>(), p.lse_partial = lse_partial.data_ptr<float>();
   }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half(q.scalar_type(), [&](auto t) {
-    attention::run_forward<decltype(t)>(p, q.size(3),
-                                        launcher(c10::cuda::getCurrentCUDAStream(), q.get_device()));
+    attention::run_forward<decltype(t)>(p, q.size(3), launcher(stream, q.get_device()));
   });
   return {out, lse};
 }
@@ -183,9 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dq_s = strides_of(dq), p.dk_s = strides_of(dk), p.dv_s = strides_of(dv);
   p.lse = lse.data_ptr<float>(), p.delta = delta.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half(q.scalar_type(), [&](auto t) {
-    attention::run_backward<decltype(t)>(p, q.size(3),
-                                         launcher(c10::cuda::getCurrentCUDAStream(), q.get_device()));
+    attention::run_backward<decltype(t)>(p, q.size(3), launcher(stream, q.get_device()));
   });
   return {dq, dk, dv};
 }

@@ -74,7 +74,8 @@ __host__ __device__ constexpr int key_block_end(int m_block, int block_m, int bl
                                                 int seqlen_q, int seqlen_k, bool causal) {
   const int n_blocks = ceil_div(seqlen_k, block_n);
   if (!causal) return n_blocks;
-  const int last_row = ((m_block + 1) * block_m < seqlen_q ? (m_block + 1) * block_m : seqlen_q) - 1;
+  const int block_end = (m_block + 1) * block_m;
+  const int last_row = (block_end < seqlen_q ? block_end : seqlen_q) - 1;
   const int last_key = last_row + seqlen_k - seqlen_q;
   if (last_key < 0) return 0;
   return last_key / block_n + 1 < n_blocks ? last_key / block_n + 1 : n_blocks;
@@ -210,6 +211,36 @@ __device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float 
   a[3] = tc::pack2<T>(hi[2], hi[3]);
 }
 
+// The backward's paired products of one warp's 16 rows (from row0 of the [rows][k] tiles a1
+// and a2) with all NT n8 column tiles of two [n][k] tiles n1 and n2, sharing the k loop:
+// acc1 = A1 N1^T, acc2 = A2 N2^T (dK/dV: K Q^T and V dO^T; dQ: Q K^T and dO V^T).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void paired_products(float (&acc1)[NT][4], float (&acc2)[NT][4],
+                                                uint32_t a1, uint32_t a2, int row0, uint32_t n1,
+                                                uint32_t n2, const SwizzledLanes<D>& lanes) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc1[nt][e] = acc2[nt][e] = 0.f;
+  }
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+    uint32_t frag1[4], frag2[4];
+    load_a<D>(frag1, a1, row0, kt * 16, lanes);
+    load_a<D>(frag2, a2, row0, kt * 16, lanes);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b0[2], b1[2];
+      load_b_nk<D>(b0, b1, n1, np * 16, kt * 16, lanes);
+      tc::mma_16816<T>(acc1[2 * np], frag1, b0);
+      tc::mma_16816<T>(acc1[2 * np + 1], frag1, b1);
+      load_b_nk<D>(b0, b1, n2, np * 16, kt * 16, lanes);
+      tc::mma_16816<T>(acc2[2 * np], frag2, b0);
+      tc::mma_16816<T>(acc2[2 * np + 1], frag2, b1);
+    }
+  }
+}
+
 // Write one m16 tile of a warp's accumulators (16 rows from row0, D cols) into a swizzled tile.
 template <typename T, int D>
 __device__ __forceinline__ void accumulators_to_smem(T* tile, const float (&acc)[D / 8][4],
@@ -296,7 +327,9 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+      for (int nt = 0; nt < NT; ++nt) {
+        s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+      }
     }
 #pragma unroll
     for (int kt = 0; kt < D / 16; ++kt) {
@@ -349,7 +382,9 @@ __global__ void __launch_bounds__(Tile::THREADS)
       for (int r = 0; r < 2; ++r) {
         float mx = row_max[mt][r];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        for (int nt = 0; nt < NT; ++nt) {
+          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        }
         mx = fmaxf(mx, tc::shfl_xor(mx, 1));
         mx = fmaxf(mx, tc::shfl_xor(mx, 2));
         const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet
@@ -815,27 +850,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
 
     // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x BLOCK_M queries.
     float pt[QT][4], dpt[QT][4];
-#pragma unroll
-    for (int qt = 0; qt < QT; ++qt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pt[qt][e] = dpt[qt][e] = 0.f;
-    }
-#pragma unroll
-    for (int kt = 0; kt < D / 16; ++kt) {
-      uint32_t ak[4], av[4];
-      load_a<D>(ak, sh_k, key0, kt * 16, lanes);
-      load_a<D>(av, sh_v, key0, kt * 16, lanes);
-#pragma unroll
-      for (int qp = 0; qp < QT / 2; ++qp) {
-        uint32_t b0[2], b1[2];
-        load_b_nk<D>(b0, b1, sq_tile, qp * 16, kt * 16, lanes);
-        tc::mma_16816<T>(pt[2 * qp], ak, b0);
-        tc::mma_16816<T>(pt[2 * qp + 1], ak, b1);
-        load_b_nk<D>(b0, b1, sdo_tile, qp * 16, kt * 16, lanes);
-        tc::mma_16816<T>(dpt[2 * qp], av, b0);
-        tc::mma_16816<T>(dpt[2 * qp + 1], av, b1);
-      }
-    }
+    paired_products<T, D, QT>(pt, dpt, sh_k, sh_v, key0, sq_tile, sdo_tile, lanes);
 
     // P^T from the saved lse, then dS^T = P^T o (dP^T - delta); both indexed by query column.
     const bool masked = tile_needs_mask(m, n_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
@@ -955,27 +970,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
 
     // S = Q K^T and dP = dO V^T: this warp's 16 queries x BLOCK_N keys.
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-    }
-#pragma unroll
-    for (int kt = 0; kt < D / 16; ++kt) {
-      uint32_t aq[4], ado[4];
-      load_a<D>(aq, sh_q, row0, kt * 16, lanes);
-      load_a<D>(ado, sh_do, row0, kt * 16, lanes);
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b0[2], b1[2];
-        load_b_nk<D>(b0, b1, sk_tile, np * 16, kt * 16, lanes);
-        tc::mma_16816<T>(s[2 * np], aq, b0);
-        tc::mma_16816<T>(s[2 * np + 1], aq, b1);
-        load_b_nk<D>(b0, b1, sv_tile, np * 16, kt * 16, lanes);
-        tc::mma_16816<T>(dp[2 * np], ado, b0);
-        tc::mma_16816<T>(dp[2 * np + 1], ado, b1);
-      }
-    }
+    paired_products<T, D, NT>(s, dp, sh_q, sh_do, row0, sk_tile, sv_tile, lanes);
 
     // dS = P o (dP - delta), P recomputed from lse.
     const bool masked = tile_needs_mask(m_block, n, BLOCK_M, BLOCK_N, sq, sk, p.causal);
