@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 import cuda_emulator
 import llama_kernels as lk
 from llama_kernels import reference
-from fuzz_profiles import FUZZ
+from fuzz_profiles import FUZZ, PROFILE
 from helpers import DEVICE, GPU, backend_params, check_fwd_bwd
 
 BACKENDS = backend_params()
@@ -310,11 +310,14 @@ class _Emulated(torch.autograd.Function):
 
 
 _EMULATOR, _EMULATOR_WHY_NOT = cuda_emulator.available()
+# The emulator runs on the CPU whether or not there is a GPU: the CPU budget of the profile
+# (not the GPU's 40 examples, minutes of emulation in one test worker).
+_EMULATED_FUZZ = settings(FUZZ, max_examples=6 if PROFILE == "ci" else 200)
 
 
 @pytest.mark.skipif(not _EMULATOR, reason=f"no CUDA emulator: {_EMULATOR_WHY_NOT}")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@FUZZ
+@_EMULATED_FUZZ
 @given(data=st.data())
 def test_fuzz_flash_attention_cuda_emulated(causal, data):
     """The CUDA kernels (head_dim 64/128, fp16/bf16) on the host emulator: about 0.1 s per
