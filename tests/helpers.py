@@ -61,23 +61,23 @@ class Guarded:
     view in the middle of a flat buffer). ``check`` asserts the view was fully written (finite)
     and nothing outside it was (the guards are still NaN)."""
 
-    def __init__(self, shape, dtype, contiguous: bool = False):
+    def __init__(self, shape, dtype, contiguous: bool = False, device=DEVICE):
         shape = tuple(shape)
         if contiguous:
             n = math.prod(shape)
-            self.buf = torch.full((n + 16,), float("nan"), dtype=dtype, device=DEVICE)
+            self.buf = torch.full((n + 16,), float("nan"), dtype=dtype, device=device)
             self.index = (slice(8, 8 + n),)
             self.view = self.buf[self.index].view(shape)
         else:
             lead = tuple(n + 2 for n in shape[:-1])
             self.buf = torch.full(lead + (shape[-1] + 8,), float("nan"), dtype=dtype,
-                                  device=DEVICE)
+                                  device=device)
             self.index = tuple(slice(1, 1 + n) for n in shape[:-1]) + (slice(3, 3 + shape[-1]),)
             self.view = self.buf[self.index]
 
     def check(self, name: str) -> None:
         assert torch.isfinite(self.view).all(), f"{name}: part of the output was not written"
-        outside = torch.ones(self.buf.shape, dtype=torch.bool, device=DEVICE)
+        outside = torch.ones(self.buf.shape, dtype=torch.bool, device=self.buf.device)
         outside[self.index] = False
         assert self.buf[outside].isnan().all(), f"{name}: a store landed outside the output"
 
@@ -137,8 +137,25 @@ def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=
         assert_close(k, r, e, name=f"grad of input {grad_inputs[i]}")
 
 
-def poisoned(shape, dtype, scale=1.0):
+def poisoned(shape, dtype, scale=1.0, device=DEVICE):
     """Random values in a view padded with NaN on every side: a read past a mask shows."""
-    g = Guarded(shape, dtype)
-    g.view.copy_(torch.randn(shape, device=DEVICE) * scale)
+    g = Guarded(shape, dtype, device=device)
+    g.view.copy_(torch.randn(shape, device=device) * scale)
     return g.view
+
+
+def qkv_inputs(b, sq, sk, hq, hkv, d, dtype, *, poison=True, device=DEVICE):
+    """q (b, sq, hq, d), k and v (b, sk, hkv, d), random; inside NaN padding unless
+    poison=False."""
+    if poison:
+        make = lambda s: poisoned(s, dtype, device=device)  # noqa: E731
+    else:
+        make = lambda s: torch.randn(s, device=device).to(dtype)  # noqa: E731
+    return make((b, sq, hq, d)), make((b, sk, hkv, d)), make((b, sk, hkv, d))
+
+
+def attention_grads(fn, q, k, v, dout):
+    """(out, dq, dk, dv) of fn(q, k, v) for the output gradient dout, on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    return (out, *torch.autograd.grad(out, leaves, dout))

@@ -26,7 +26,7 @@ import torch
 
 import cuda_emulator
 import llama_kernels as lk
-from helpers import GPU, assert_close, poisoned
+from helpers import GPU, assert_close, attention_grads, qkv_inputs
 from llama_kernels import reference
 from llama_kernels.ops import _backend
 
@@ -69,26 +69,20 @@ GPU_CASES = [
 ]
 
 
-def inputs(b, sq, sk, hq, hkv, d, dtype, *, device="cpu"):
-    """q, k, v inside NaN padding (a read past a mask shows as NaN)."""
-    if device == "cpu":
-        return (poisoned((b, sq, hq, d), dtype), poisoned((b, sk, hkv, d), dtype),
-                poisoned((b, sk, hkv, d), dtype))
-    return tuple(torch.randn(shape, device=device, dtype=dtype)
-                 for shape in ((b, sq, hq, d), (b, sk, hkv, d), (b, sk, hkv, d)))
-
-
-def reference_grads(q, k, v, dout, causal, scale, upcast):
-    leaves = [(t.float() if upcast else t).detach().requires_grad_(True) for t in (q, k, v)]
-    out = reference.attention(*leaves, causal=causal, softmax_scale=scale, upcast=upcast)
-    return (out, *torch.autograd.grad(out, leaves, dout.float() if upcast else dout))
+def emulated_inputs(b, sq, sk, hq, hkv, d, dtype):
+    """q, k, v on the CPU (the emulator's side, GPU or not) inside NaN padding: a read past a
+    mask shows as NaN."""
+    return qkv_inputs(b, sq, sk, hq, hkv, d, dtype, device="cpu")
 
 
 def check_all(got, q, k, v, dout, causal, scale):
     """got = (out, dq, dk, dv): each within the tolerance rule of the reference."""
-    ref = reference_grads(q, k, v, dout, causal, scale, upcast=True)
-    eager = reference_grads(q, k, v, dout, causal, scale, upcast=False)
-    for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, ref, eager):
+    def ref(upcast):
+        return lambda *t: reference.attention(*t, causal=causal, softmax_scale=scale,
+                                              upcast=upcast)
+    want = attention_grads(ref(True), q.float(), k.float(), v.float(), dout.float())
+    eager = attention_grads(ref(False), q, k, v, dout)
+    for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, want, eager):
         assert_close(g, r, e, name)
 
 
@@ -99,7 +93,7 @@ def check_all(got, q, k, v, dout, causal, scale):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("b,sq,sk,hq,hkv,d,causal", CASES)
 def test_emulated_forward_backward(b, sq, sk, hq, hkv, d, causal, dtype):
-    q, k, v = inputs(b, sq, sk, hq, hkv, d, dtype)
+    q, k, v = emulated_inputs(b, sq, sk, hq, hkv, d, dtype)
     scale = d ** -0.5
     out, lse = cuda_emulator.flash_forward(q, k, v, causal, scale)
     _, ref_lse = reference.attention_with_lse(q, k, v, causal=causal, softmax_scale=scale)
@@ -116,7 +110,7 @@ def test_emulated_forward_backward(b, sq, sk, hq, hkv, d, causal, dtype):
 def test_emulated_any_scale(scale):
     # Scores are scaled before the running max and the mask, so a negative scale (the max of
     # scale * s is scale * min s) and a zero scale (uniform weights) are right too.
-    q, k, v = inputs(1, 70, 70, 2, 1, 64, torch.float16)
+    q, k, v = emulated_inputs(1, 70, 70, 2, 1, 64, torch.float16)
     dout = torch.randn(q.shape).half()
     out, lse = cuda_emulator.flash_forward(q, k, v, True, scale)
     grads = cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, scale)
@@ -152,7 +146,7 @@ def test_emulated_fused_qkv_views():
 
 @needs_emulator
 def test_emulated_backward_is_deterministic():
-    q, k, v = inputs(1, 97, 97, 4, 1, 64, torch.float16)
+    q, k, v = emulated_inputs(1, 97, 97, 4, 1, 64, torch.float16)
     dout = torch.randn(q.shape).half()
     out, lse = cuda_emulator.flash_forward(q, k, v, True, 0.125)
     first = cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, 0.125)
@@ -252,7 +246,7 @@ def test_tiles_fit_the_hardware(tiles):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("b,sq,sk,hq,hkv,d,causal", CASES + GPU_CASES)
 def test_gpu_forward_backward(b, sq, sk, hq, hkv, d, causal, dtype):
-    q, k, v = inputs(b, sq, sk, hq, hkv, d, dtype, device="cuda")
+    q, k, v = qkv_inputs(b, sq, sk, hq, hkv, d, dtype, poison=False, device="cuda")
     dout = torch.randn(q.shape, device="cuda", dtype=dtype)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = lk.flash_attention(*leaves, causal=causal, backend="cuda")
@@ -263,7 +257,7 @@ def test_gpu_forward_backward(b, sq, sk, hq, hkv, d, causal, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_gpu_matches_emulated_and_triton(dtype):
-    q, k, v = inputs(1, 130, 130, 2, 1, 64, dtype, device="cuda")
+    q, k, v = qkv_inputs(1, 130, 130, 2, 1, 64, dtype, poison=False, device="cuda")
     out, lse = torch.ops.llama_kernels.flash_attention_fwd_cuda(q, k, v, True, 0.125)
     tri_out, tri_lse = torch.ops.llama_kernels.flash_attention_fwd(q, k, v, True, 0.125,
                                                                    "triton")
@@ -278,7 +272,7 @@ def test_gpu_matches_emulated_and_triton(dtype):
 
 @needs_gpu
 def test_gpu_backward_is_deterministic():
-    q, k, v = inputs(2, 300, 300, 8, 2, 128, torch.bfloat16, device="cuda")
+    q, k, v = qkv_inputs(2, 300, 300, 8, 2, 128, torch.bfloat16, poison=False, device="cuda")
     dout = torch.randn_like(q)
     out, lse = torch.ops.llama_kernels.flash_attention_fwd_cuda(q, k, v, True, 0.1)
     first = torch.ops.llama_kernels.flash_attention_bwd_cuda(dout, q, k, v, out, lse, True, 0.1)

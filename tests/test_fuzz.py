@@ -288,25 +288,31 @@ def test_fuzz_flash_attention(backend, causal, data):
                      softmax_scale)
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """On the CPU (the emulator's side, GPU or not) with a unit last stride, as the cuda op
+    copies a tensor whose last dimension is not unit-stride."""
+    t = t.cpu()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _Emulated(torch.autograd.Function):
     """The CUDA attention kernels run on the host emulator (tests/cuda_emulator), as an
-    autograd function: the cuda backend's path without a GPU. Like the cuda op, it copies a
-    tensor whose last dimension is not unit-stride."""
+    autograd function: the cuda backend's path without a GPU. Results come back on the
+    inputs' device."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse = cuda_emulator.flash_forward(q, k, v, causal, scale)
+        out, lse = cuda_emulator.flash_forward(_host(q), _host(k), _host(v), causal, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale = causal, scale
-        return out
+        return out.to(q.device)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        grads = cuda_emulator.flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return (*grads, None, None)
+        grads = cuda_emulator.flash_backward(_host(dout), _host(q), _host(k), _host(v), out, lse,
+                                             ctx.causal, ctx.scale)
+        return (*(g.to(q.device) for g in grads), None, None)
 
 
 _EMULATOR, _EMULATOR_WHY_NOT = cuda_emulator.available()

@@ -42,17 +42,12 @@ import llama_kernels as lk  # noqa: E402
 from llama_kernels import reference  # noqa: E402
 from llama_kernels.triton import flash_attention as fa  # noqa: E402
 from helpers import (DEVICE, DTYPES, GPU, Guarded, assert_close,  # noqa: E402
-                     poisoned, run_compiler_script)
+                     attention_grads, poisoned, qkv_inputs, run_compiler_script)
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def qkv_inputs(b, sq, sk, hq, hkv, d, dtype, *, poison=True):
-    make = poisoned if poison else (lambda s, t: torch.randn(s, device=DEVICE).to(t))
-    return make((b, sq, hq, d), dtype), make((b, sk, hkv, d), dtype), make((b, sk, hkv, d), dtype)
 
 
 def check_forward(q, k, v, causal, scale, out, lse, name=""):
@@ -62,12 +57,6 @@ def check_forward(q, k, v, causal, scale, out, lse, name=""):
                                                         softmax_scale=scale, upcast=False)
     assert_close(out, ref_out.float(), eager_out, f"{name}out")
     assert_close(lse, ref_lse, eager_lse, f"{name}lse")
-
-
-def attention_grads(fn, q, k, v, dout):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = fn(*leaves)
-    return (out, *torch.autograd.grad(out, leaves, dout))
 
 
 def check_backward(q, k, v, causal, scale, backend="triton"):
