@@ -156,7 +156,10 @@ def test_deadlock_is_reported(lib, variant, message, seed):
 
 @pytest.mark.parametrize("seed", [0, 5], ids=["round-robin", "seed5"])
 def test_balanced_barriers_are_not_a_deadlock(lib, seed):
-    emu.call(lib.selftest_deadlock, 4, lib=lib, schedule_seed=seed)
+    try:
+        emu.call(lib.selftest_deadlock, 4, lib=lib, schedule_seed=seed)
+    except emu.EmulatorError as error:
+        pytest.fail(f"balanced barriers reported as an error: {error}")
 
 
 @pytest.mark.parametrize("which, message", [
@@ -299,14 +302,16 @@ def _to_bits(lib, dtype, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _same_values(got_bits: torch.Tensor, want: torch.Tensor) -> None:
-    """Bitwise equal, except that any NaN matches any NaN."""
+def _mismatches(got_bits: torch.Tensor, want: torch.Tensor) -> str:
+    """"" when bitwise equal (any NaN matches any NaN), else a description of the first."""
     want_bits = want.view(torch.int16)
     got = got_bits.view(want.dtype)
     both_nan = torch.isnan(got) & torch.isnan(want)
     bad = ((got_bits != want_bits) & ~both_nan).nonzero().flatten()
-    assert not len(bad), (f"{len(bad)} mismatches, first: bits {got_bits[bad[0]].item():#06x}, "
-                          f"want {want_bits[bad[0]].item():#06x} ({want[bad[0]].item()})")
+    if not len(bad):
+        return ""
+    return (f"{len(bad)} mismatches, first: bits {got_bits[bad[0]].item():#06x}, "
+            f"want {want_bits[bad[0]].item():#06x} ({want[bad[0]].item()})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -332,7 +337,8 @@ def test_float_to_16bit_rounds_like_torch(lib, dtype):
                              2.0**-25, 2.0**-25 * (1 + 2.0**-23), 1.5 * 2.0**-24, 1e-45, 3e38])
     x = torch.cat([mags, mids.float(), finite, specials, torch.randn(1000) * 1e-40])
     x = torch.cat([x, -x])
-    _same_values(_to_bits(lib, dtype, x), x.to(dtype))
+    mismatches = _mismatches(_to_bits(lib, dtype, x), x.to(dtype))
+    assert not mismatches, mismatches
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
