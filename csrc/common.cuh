@@ -68,15 +68,9 @@ namespace llama_kernels {
 
 // ------------------------------------------------------------------------------ host helpers
 
-inline bool is_aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
-// Every row of a 2-D (rows, cols) view starts 16-byte aligned (a single row needs only its
-// start aligned: the stride of a size-1 dimension is arbitrary).
+// Every row of a 2-D (rows, cols) view starts 16-byte aligned (device_common.cuh's test).
 inline bool rows_aligned16(const at::Tensor& t) {
-  return is_aligned(t.data_ptr(), 16) &&
-         (t.size(0) <= 1 || (t.stride(0) * t.element_size()) % 16 == 0);
+  return rows_aligned16(t.data_ptr(), t.size(0), t.stride(0), t.element_size());
 }
 
 // ------------------------------------------------------------------------------ launch queries

@@ -11,7 +11,11 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 namespace llama_kernels {
 
@@ -44,6 +48,28 @@ struct alignas(sizeof(T) * N) Vec {
 
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);  // elements per 16-byte access: 4 fp32, 8 fp16/bf16
+
+// Host side: alignment tests of the launchers (and the emulator's copies of their paths).
+inline bool is_aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// Every row of a (rows, cols) view with row stride `stride_row` (elements) starts 16-byte
+// aligned (a single row needs only its start aligned: the stride of a size-1 dimension is
+// arbitrary).
+inline bool rows_aligned16(const void* ptr, int64_t rows, int64_t stride_row, int elem_size) {
+  return is_aligned(ptr, 16) && (rows <= 1 || (stride_row * elem_size) % 16 == 0);
+}
+
+// Host side: calls f(integral_constant<kVec>) for a run-time vector width, 1 element or 16
+// bytes (the two specializations of every row kernel): one mapping for the launchers and the
+// emulator. Any other width is a launch-settings bug.
+template <typename T, typename F>
+void with_vec(int vec, F&& f) {
+  if (vec == 1) return f(std::integral_constant<int, 1>{});
+  if (vec != kVec16<T>) throw std::logic_error("internal error: vector width " + std::to_string(vec));
+  f(std::integral_constant<int, kVec16<T>>{});
+}
 
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* ptr) {

@@ -211,6 +211,40 @@ __device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float 
   a[3] = tc::pack2<T>(hi[2], hi[3]);
 }
 
+// One online-softmax step for the rows g and g + 8 of an m16 tile, which live in the 4 lanes
+// of a quad: the NT n8 tiles of scores s (scaled to base 2, masked to -inf) become
+// P = exp2(s - running max), the running max and this lane's partial row sums advance, and the
+// accumulators o are rescaled to the new max. A row with nothing visible yet keeps max -inf
+// and subtracts 0 (no NaN).
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&o)[DT][4],
+                                                    float (&row_max)[2], float (&row_sum)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = row_max[r];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    mx = fmaxf(mx, tc::shfl_xor(mx, 1));
+    mx = fmaxf(mx, tc::shfl_xor(mx, 2));
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float correction = exp2f(row_max[r] - base);
+    row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
+      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
+      sum += s[nt][2 * r] + s[nt][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][2 * r] *= correction;
+      o[dt][2 * r + 1] *= correction;
+    }
+  }
+}
+
 // The backward's paired products of one warp's 16 rows (from row0 of the [rows][k] tiles a1
 // and a2) with all NT n8 column tiles of two [n][k] tiles n1 and n2, sharing the k loop:
 // acc1 = A1 N1^T, acc2 = A2 N2^T (dK/dV: K Q^T and V dO^T; dQ: Q K^T and dO V^T).
@@ -375,36 +409,8 @@ __global__ void __launch_bounds__(Tile::THREADS)
       tc::cp_async_commit();
     }
 
-    // Online softmax: rows g and g + 8 of each m16 tile live in the 4 lanes of a quad.
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[mt][r];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        }
-        mx = fmaxf(mx, tc::shfl_xor(mx, 1));
-        mx = fmaxf(mx, tc::shfl_xor(mx, 2));
-        const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet
-        const float correction = exp2f(row_max[mt][r] - base);
-        row_max[mt][r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          s[mt][nt][2 * r] = exp2f(s[mt][nt][2 * r] - base);
-          s[mt][nt][2 * r + 1] = exp2f(s[mt][nt][2 * r + 1] - base);
-          sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
-        }
-        row_sum[mt][r] = row_sum[mt][r] * correction + sum;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          o[mt][dt][2 * r] *= correction;
-          o[mt][dt][2 * r + 1] *= correction;
-        }
-      }
-    }
+    for (int mt = 0; mt < MT; ++mt) online_softmax_step(s[mt], o[mt], row_max[mt], row_sum[mt]);
 
     // O += P V[n]
 #pragma unroll
@@ -591,29 +597,7 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
         }
       }
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = fmaxf(row_max[r], fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]),
-                                         fmaxf(s[1][2 * r], s[1][2 * r + 1])));
-      mx = fmaxf(mx, tc::shfl_xor(mx, 1));
-      mx = fmaxf(mx, tc::shfl_xor(mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx;
-      const float correction = exp2f(row_max[r] - base);
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * correction + sum;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        o[dt][2 * r] *= correction;
-        o[dt][2 * r + 1] *= correction;
-      }
-    }
+    online_softmax_step(s, o, row_max, row_sum);
     uint32_t a[4];
     accumulators_as_a<T>(a, s[0], s[1]);
 #pragma unroll

@@ -23,28 +23,6 @@ namespace {
 
 // ------------------------------------------------------------------------------ host side
 
-// Calls f(integral_constant<kVec>, integral_constant<kItems>) for the settings' specialization.
-template <typename T, typename F>
-void with_row_specialization(const RowLaunch& s, F&& f) {
-  auto by_items = [&](auto vec) {
-    switch (s.items) {
-      case 0: return f(vec, std::integral_constant<int, 0>{});
-      case 4: return f(vec, std::integral_constant<int, 4>{});
-      case 8: return f(vec, std::integral_constant<int, 8>{});
-      case 16:
-        if constexpr (decltype(vec)::value == 1) return f(vec, std::integral_constant<int, 16>{});
-        [[fallthrough]];
-      default: TORCH_CHECK(false, "rms_norm: internal error, no kernel for ", s.items, " items");
-    }
-  };
-  if (s.vec == 1) {
-    by_items(std::integral_constant<int, 1>{});
-  } else {
-    TORCH_CHECK(s.vec == kVec16<T>, "rms_norm: internal error, vector width ", s.vec);
-    by_items(std::integral_constant<int, kVec16<T>>{});
-  }
-}
-
 void check_eps(double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps: expected a finite non-negative float, got ",
               eps);

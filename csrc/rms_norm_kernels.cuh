@@ -444,5 +444,24 @@ __global__ void __launch_bounds__(32 * kReduceRows, 1) rms_norm_dw_kernel(
   }
 }
 
+// Host side: calls f(integral_constant<kVec>, integral_constant<kItems>) for the settings'
+// specialization; the launchers and the emulator share this one mapping.
+template <typename T, typename F>
+void with_row_specialization(const RowLaunch& s, F&& f) {
+  with_vec<T>(s.vec, [&](auto vec) {
+    switch (s.items) {
+      case 0: return f(vec, std::integral_constant<int, 0>{});
+      case 4: return f(vec, std::integral_constant<int, 4>{});
+      case 8: return f(vec, std::integral_constant<int, 8>{});
+      case 16:
+        if constexpr (decltype(vec)::value == 1) return f(vec, std::integral_constant<int, 16>{});
+        [[fallthrough]];
+      default:
+        throw std::logic_error("rms_norm: internal error, no kernel for " +
+                               std::to_string(s.items) + " items");
+    }
+  });
+}
+
 }  // namespace
 }  // namespace llama_kernels

@@ -93,12 +93,7 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
         launch(vec, std::false_type{});
       }
     };
-    if (s.vec == 1) {
-      by_layout(std::integral_constant<int, 1>{});
-    } else {
-      TORCH_CHECK(s.vec == kVec16<scalar_t>, "rotary: internal error, vector width ", s.vec);
-      by_layout(std::integral_constant<int, kVec16<scalar_t>>{});
-    }
+    with_vec<scalar_t>(s.vec, by_layout);
   });
   return out;
 }

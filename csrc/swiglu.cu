@@ -38,17 +38,6 @@ void check_gate(const at::Tensor& gate) {
   LK_CHECK_LAST_DIM_CONTIGUOUS(gate, "gate");
 }
 
-// Calls f(integral_constant<kVec>) for a vector width of 1 or 16 bytes.
-template <typename T, typename F>
-void with_vec(int vec, F&& f) {
-  if (vec == 1) {
-    f(std::integral_constant<int, 1>{});
-  } else {
-    TORCH_CHECK(vec == kVec16<T>, "swiglu: internal error, vector width ", vec);
-    f(std::integral_constant<int, kVec16<T>>{});
-  }
-}
-
 // Runs f(kernel, T{}) with kernel = kernel_of(T{}, integral_constant<kVec>{}) for the dtype T
 // and the vector width: one place that maps run-time settings to a specialization, used both
 // to query its occupancy and to launch it.

@@ -12,26 +12,7 @@
 namespace {
 
 using namespace llama_kernels;
-using rows_emu::is_aligned;
-using rows_emu::rows_aligned16;
 
-// rms_norm.cu's with_row_specialization: f(integral_constant<kVec>, integral_constant<kItems>).
-template <typename T, typename F>
-void with_row_specialization(const RowLaunch& s, F&& f) {
-  rows_emu::with_vec<T>(s.vec, [&](auto vec) {
-    switch (s.items) {
-      case 0: return f(vec, std::integral_constant<int, 0>{});
-      case 4: return f(vec, std::integral_constant<int, 4>{});
-      case 8: return f(vec, std::integral_constant<int, 8>{});
-      case 16:
-        if constexpr (decltype(vec)::value == 1) return f(vec, std::integral_constant<int, 16>{});
-        [[fallthrough]];
-      default:
-        throw std::runtime_error("internal error: no kernel for " + std::to_string(s.items) +
-                                 " items");
-    }
-  });
-}
 
 void report(const RowLaunch& s, int64_t* info) {
   info[0] = s.vec;

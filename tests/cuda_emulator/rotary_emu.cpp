@@ -24,11 +24,11 @@ int rotary_emu(int dtype, void* out, const void* x, const float* cos, const floa
       using T = decltype(tag);
       const int es = sizeof(T);
       const int64_t vec16 = 16 / es;
-      const bool aligned = rows_emu::is_aligned(x, 16) &&
+      const bool aligned = is_aligned(x, 16) &&
                            (batch == 1 || stride_x_batch % vec16 == 0) &&
                            (seqlen == 1 || stride_x_seq % vec16 == 0) &&
                            (heads == 1 || stride_x_head % vec16 == 0) &&
-                           rows_emu::is_aligned(out, 16);
+                           is_aligned(out, 16);
       const RotaryLaunch s = rotary_launch_settings(tokens, heads, head_dim, es, aligned);
       info[0] = s.vec;
       info[1] = s.threads_per_token;
@@ -41,7 +41,7 @@ int rotary_emu(int dtype, void* out, const void* x, const float* cos, const floa
                     seqlen, static_cast<int>(heads), static_cast<int>(head_dim), table_rows,
                     stride_x_batch, stride_x_seq, stride_x_head, conjugate != 0);
       };
-      rows_emu::with_vec<T>(s.vec, [&](auto vec) {
+      with_vec<T>(s.vec, [&](auto vec) {
         if (interleaved) {
           launch(vec, std::true_type{});
         } else {

@@ -34,11 +34,11 @@ int swiglu_fwd_emu(int dtype, void* out, const void* gate, const void* up, int64
     rows_emu::with_float_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
       const int es = sizeof(T);
-      const bool aligned = rows_emu::rows_aligned16(gate, rows, stride_gate_row, es) &&
-                           rows_emu::rows_aligned16(up, rows, stride_up_row, es) &&
-                           rows_emu::rows_aligned16(out, rows, cols, es);
+      const bool aligned = rows_aligned16(gate, rows, stride_gate_row, es) &&
+                           rows_aligned16(up, rows, stride_up_row, es) &&
+                           rows_aligned16(out, rows, cols, es);
       const ElementwiseLaunch s = settings(rows, cols, es, aligned, num_sms, blocks_per_sm, info);
-      rows_emu::with_vec<T>(s.vec, [&](auto vec) {
+      with_vec<T>(s.vec, [&](auto vec) {
         emu::launch(swiglu_fwd_kernel<T, decltype(vec)::value>, dim3(s.blocks), dim3(kThreads),
                     0, static_cast<T*>(out), static_cast<const T*>(gate),
                     static_cast<const T*>(up), rows, cols, stride_gate_row, stride_up_row);
@@ -56,13 +56,13 @@ int swiglu_bwd_emu(int dtype, void* dgate, void* dup, const void* dout, const vo
     rows_emu::with_float_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
       const int es = sizeof(T);
-      const bool aligned = rows_emu::rows_aligned16(dout, rows, stride_dout_row, es) &&
-                           rows_emu::rows_aligned16(gate, rows, stride_gate_row, es) &&
-                           rows_emu::rows_aligned16(up, rows, stride_up_row, es) &&
-                           rows_emu::rows_aligned16(dgate, rows, cols, es) &&
-                           rows_emu::rows_aligned16(dup, rows, cols, es);
+      const bool aligned = rows_aligned16(dout, rows, stride_dout_row, es) &&
+                           rows_aligned16(gate, rows, stride_gate_row, es) &&
+                           rows_aligned16(up, rows, stride_up_row, es) &&
+                           rows_aligned16(dgate, rows, cols, es) &&
+                           rows_aligned16(dup, rows, cols, es);
       const ElementwiseLaunch s = settings(rows, cols, es, aligned, num_sms, blocks_per_sm, info);
-      rows_emu::with_vec<T>(s.vec, [&](auto vec) {
+      with_vec<T>(s.vec, [&](auto vec) {
         emu::launch(swiglu_bwd_kernel<T, decltype(vec)::value>, dim3(s.blocks), dim3(kThreads),
                     0, static_cast<T*>(dgate), static_cast<T*>(dup), static_cast<const T*>(dout),
                     static_cast<const T*>(gate), static_cast<const T*>(up), rows, cols,
