@@ -338,14 +338,20 @@ def test_autocast_training_and_cached_decoding():
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    scale = reference_logits.abs().max().item()
-    assert (logits.float() - reference_logits).abs().max().item() < 0.05 * scale
+    # Relative (Frobenius) error of the logits against the fp32 run: bf16 rounding gives about
+    # 2% here (at most 3% for the full logits and 6% for the one cached step over 200-300
+    # random draws); a plumbing bug (a norm in the wrong dtype, a misread cache) gives O(1).
+    # The maximum elementwise error, bounded at 5% of the largest logit before, failed about
+    # one draw in twelve.
+    def relative_error(got, want):
+        return ((got.float() - want).norm() / want.norm()).item()
+
+    assert relative_error(logits, reference_logits) < 0.1
     model.setup_cache(2, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(tokens[:, :8], start_pos=0)
         step = model(tokens[:, 8:9], start_pos=8)
-    torch.testing.assert_close(step.float(), reference_logits[:, 8:9], rtol=0.05,
-                               atol=0.05 * scale)
+    assert relative_error(step, reference_logits[:, 8:9]) < 0.1
 
 
 def test_cached_forward_with_grad_enabled_keeps_graphs_apart():
