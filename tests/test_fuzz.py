@@ -31,7 +31,7 @@ import cuda_emulator
 import llama_kernels as lk
 from llama_kernels import reference
 from fuzz_profiles import FUZZ, PROFILE
-from helpers import DEVICE, GPU, backend_params, check_fwd_bwd
+from helpers import DEVICE, GPU, INTERPRET, backend_params, check_fwd_bwd
 
 BACKENDS = backend_params()
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -282,6 +282,10 @@ def test_fuzz_flash_attention(backend, causal, data):
     # different summation order: keep fp32 logits within ~30 (test_numerics covers 1e4).
     qk_scales = [1e-3, 0.3, 1.0, 2.0] if dtype == torch.float32 else [1e-3, 0.3, 1.0, 3.0, 10.0]
     qk_scale = data.draw(st.sampled_from(qk_scales), label="q, k scale")
+    # A known failure, pinned by test_regression_attention_bf16_head_dim_1 (not yet explained):
+    # kept out of the random draws so that it does not fail CI at random.
+    assume(not (backend == "triton" and INTERPRET and dtype == torch.bfloat16 and d == 1
+                and qk_scale >= 3.0))
     v_scale = data.draw(SCALES, label="v scale")
     softmax_scale = data.draw(st.sampled_from([None, 0.05, 1.0]), label="softmax_scale")
     _check_attention(backend, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_scale, v_scale,
@@ -398,6 +402,20 @@ def test_regression_width_1_with_stray_last_stride(backend):
                   lambda a, r, b, upcast=True: reference.add_rms_norm(a, r, b, upcast=upcast),
                   [x, x * 2, w])
     check_fwd_bwd(lambda g, u: lk.swiglu(g, u, backend=backend), reference.swiglu, [x, x])
+
+
+@pytest.mark.xfail(INTERPRET, strict=True,
+                   reason="open: under the Triton interpreter dq is 2.3-4.4x eager's error "
+                          "(4 of 5 seeds), only at head_dim 1 with q, k scale >= 3 in bf16")
+def test_regression_attention_bf16_head_dim_1():
+    """Found by test_fuzz_flash_attention (triton, bf16, non-causal, B 2, Sq 228, Sk 69, one
+    head, head_dim 1, q and k scaled by 10, v by 0.1): dq off by 6.5e-2 against a bound of
+    6.3e-2 (eager 2.8e-2). Not seen at head_dim 3 or 16, nor in fp16, with the same draws; a
+    fix of the interpreter's truncating fp32 -> bf16 conversion of P and dS did not change
+    it. Not understood yet (issue #4); on a GPU this runs as a plain test."""
+    torch.manual_seed(1)
+    _check_attention("triton", False, torch.bfloat16, 2, 228, 69, 1, 1, 1, "contiguous", 10.0,
+                     0.1, None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
