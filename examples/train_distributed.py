@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> list[float]:
         dist.init_process_group("nccl" if gpu else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     try:
-        return run(args, "cuda" if gpu else "cpu")
+        losses = run(args, "cuda" if gpu else "cpu")
+        dist.barrier()  # no rank tears down while another still has collectives in flight
+        return losses
     finally:
         # Free the model and its autograd state (cycles through module hooks) while the
         # interpreter is whole: gloo work objects that outlive destroy_process_group can hold

@@ -397,13 +397,26 @@ def test_ops_take_the_views_parallel_engines_hand_them(backend):
 # ------------------------------------------------------------------------------ launcher
 
 
+# torch's gloo teardown aborts a finished process now and then (std::terminate on a joinable
+# thread: "terminate called without an active exception"). Seen once in CI, after the run and
+# its checkpoint had finished; never in 32 launches on a loaded 2-core machine. A launch that
+# printed its checkpoint line and then died that way runs once more, and the second run must
+# pass every check on its own.
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(nproc: int, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(REPO / "examples" / "train_distributed.py"), *args]
     env = {**os.environ, **_loopback_env(), "OMP_NUM_THREADS": "1",
            "LLAMA_KERNELS_BACKEND": "torch"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+    if (proc.returncode != 0 and _TEARDOWN_ABORT in proc.stdout + proc.stderr
+            and "saved a sharded checkpoint" in proc.stdout):
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    return proc
 
 
 def _check_launch(proc: subprocess.CompletedProcess, ckpt: Path) -> None:
