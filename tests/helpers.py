@@ -110,8 +110,9 @@ def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=
     """``kernel_fn(*inputs)`` against ``ref_fn(*inputs, upcast=True)`` in fp32, forward and
     backward with the same random output gradients, tolerance from eager in the dtype
     (``upcast=False``), or from the rounded fp32 answer where eager overflows.
-    ``grad_baseline(grad_outs)``: other gradients a correct kernel may be as far from as eager
-    is (the larger of the two errors sets the bound)."""
+    ``grad_baseline(grad_outs, kernel_outs)``: other gradients a correct kernel may be as far
+    from as eager is (the larger of the two errors sets the bound); it sees the output
+    gradients (fp32) and the kernel's own outputs."""
     grad_inputs = list(range(len(inputs))) if grad_inputs is None else grad_inputs
     snapshot = [t.clone() for t in inputs]
     r_out, _ = _run(lambda *a: ref_fn(*a, upcast=True), _leaves(inputs, torch.float32))
@@ -130,7 +131,7 @@ def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=
         assert_close(k, r, e, name=f"output {i}")
     if grad_baseline is not None:
         worse = []
-        for r, e, alt in zip(r_grads, e_grads, grad_baseline(grad_outs)):
+        for r, e, alt in zip(r_grads, e_grads, grad_baseline(grad_outs, k_out)):
             worse.append(alt.to(e.dtype) if max_err(alt, r) > max_err(e, r) else e)
         e_grads = worse
     for i, (k, r, e) in enumerate(zip(k_grads, r_grads, e_grads)):
