@@ -141,6 +141,25 @@ __device__ __forceinline__ Vec<T, N> floats_to_vec(const float (&f)[N]) {
   return v;
 }
 
+// Tells the compiler that the registers of v may have changed (an empty asm that it cannot see
+// through): fp32 values derived from v before this point are then recomputed from v after it
+// instead of being kept alive, e.g. across a block reduction. A no-op on the host emulator.
+template <typename T, int N>
+__device__ __forceinline__ void opaque(Vec<T, N>& v) {
+#ifndef LLAMA_KERNELS_EMULATOR
+  if constexpr (sizeof(v) % 4 == 0) {
+    auto* words = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+    for (int k = 0; k < static_cast<int>(sizeof(v) / 4); ++k) asm volatile("" : "+r"(words[k]));
+  } else {
+    static_assert(sizeof(v) == 2, "opaque: 16-bit or whole 32-bit registers");
+    asm volatile("" : "+h"(*reinterpret_cast<uint16_t*>(&v)));
+  }
+#else
+  (void)v;
+#endif
+}
+
 // Sum over the 32 lanes of a warp; every lane gets the result. Assumes a full warp.
 __device__ __forceinline__ float warp_reduce_sum(float v) {
 #pragma unroll

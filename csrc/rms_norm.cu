@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const
       rows, dim, x.element_size(), aligned, num_sms(device), [&](const RowLaunch& shape) {
         int resident = 0;
         LK_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_bwd_cuda", [&] {
-          with_row_specialization<scalar_t>(shape, [&](auto vec, auto items) {
+          with_row_specialization<scalar_t, true>(shape, [&](auto vec, auto items) {
             resident = max_active_blocks_per_sm(
                 rms_norm_bwd_kernel<scalar_t, decltype(vec)::value, decltype(items)::value>,
                 shape.threads_per_row * shape.rows_per_block, 0, device);
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const
   const dim3 reduce_block(32, kReduceRows);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_bwd_cuda", [&] {
-    with_row_specialization<scalar_t>(s, [&](auto vec, auto items) {
+    with_row_specialization<scalar_t, true>(s, [&](auto vec, auto items) {
       rms_norm_bwd_kernel<scalar_t, decltype(vec)::value, decltype(items)::value>
           <<<grid, block, 0, stream>>>(
               static_cast<scalar_t*>(dx.data_ptr()), dw_partial.data_ptr<float>(),

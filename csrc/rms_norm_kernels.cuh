@@ -35,9 +35,16 @@ constexpr int kMaxScalarItems = 16;
 // loads of x and residual hoisted for ILP) spilled there; at 512 it has 128. Rows of up to
 // 512 x 8 vectors (32768 bf16, 16384 fp32) stay in registers.
 constexpr int kFwdMaxThreadsPerRow = 512;
-// The backward holds x, dy and fp32 dw accumulators per item: 256 threads keep the largest
-// bucket (8 vectors, about 130 registers) free of spills.
-constexpr int kBwdMaxThreadsPerRow = 256;
+// The backward holds x, dy and fp32 dw accumulators per item, so it wants one item per thread
+// and many threads: with vectors, one 16-byte vector per thread on as many threads as the row
+// has vectors (up to 1024: 8192 bf16, 4096 fp32), at most 64 registers, so that an SM holds 32
+// warps: the shape of the Triton backward (16 warps x 8 values at width 4096, 64 registers, two
+// programs per SM: 87% of copy bandwidth on an H100, benchmarks/NOTES.md). The first version
+// held 4 vectors on 128 threads: 162 registers on sm_90, three blocks and 12 warps per SM, 68%.
+// Wider rows take 8 vectors on 256 threads (about 200 registers) and the scalar path stays at
+// 256 threads.
+constexpr int kBwdMaxThreadsPerRow = 1024;
+constexpr int kBwdWideThreadsPerRow = 256;
 // Bound on the fp32 dw partials, in floats per SM (64 KB). QuACK's k x #SM partial rows for
 // width N (k = 16/8/4/2/1 for N <= 256/1K/2K/4K/8K) is this rule at 4096-8192 floats; twice
 // that here because our backward keeps a thread's whole share in registers (one row in flight
@@ -88,6 +95,28 @@ constexpr RowLaunch rms_norm_fwd_launch_settings(int64_t rows, int64_t dim, int 
   return s;
 }
 
+// The launch bounds of each backward specialization: one vector per thread (kVec > 1, kItems
+// == 1) runs blocks of up to 1024 threads (64 registers: ptxas fits it without spilling,
+// tests/test_cuda_build.py); every other bucket at most 256 threads.
+constexpr bool rms_norm_bwd_narrow(int vec, int items) { return vec > 1 && items == 1; }
+constexpr int rms_norm_bwd_max_threads(int vec, int items) {
+  return rms_norm_bwd_narrow(vec, items) ? kBwdMaxThreadsPerRow : kBwdWideThreadsPerRow;
+}
+
+// Backward shape: one vector per thread on a multiple of 32 threads (a power of two below 128,
+// with several rows per block) when the row has at most 1024 vectors; else the shared shape on
+// up to 256 threads (8 vectors, the scalar buckets, the wide path).
+constexpr RowLaunch rms_norm_bwd_shape(int64_t dim, int vec) {
+  const int64_t n_vec = cdiv(dim, vec);
+  if (vec > 1 && n_vec <= kBwdMaxThreadsPerRow) {
+    int64_t threads = cdiv(n_vec, kWarp) * kWarp;
+    if (threads < kMinBlockThreads) threads = next_pow2(threads);
+    const int64_t rows_per_block = threads >= kMinBlockThreads ? 1 : kMinBlockThreads / threads;
+    return RowLaunch{vec, 1, static_cast<int>(threads), static_cast<int>(rows_per_block), 0};
+  }
+  return row_shape(dim, vec, kBwdWideThreadsPerRow);
+}
+
 // Backward: persistent blocks striding over rows, so that each (block, row slot) sums its share
 // of dw in registers and writes one fp32 partial row. Grid: no more blocks than are resident at
 // once (resident_blocks_per_sm(shape) is the kernel's occupancy, which its register use
@@ -97,7 +126,7 @@ template <typename Occupancy>
 constexpr RowLaunch rms_norm_bwd_launch_settings(int64_t rows, int64_t dim, int elem_size,
                                                  bool aligned, int num_sms,
                                                  Occupancy&& resident_blocks_per_sm) {
-  RowLaunch s = row_shape(dim, row_vec(dim, elem_size, aligned), kBwdMaxThreadsPerRow);
+  RowLaunch s = rms_norm_bwd_shape(dim, row_vec(dim, elem_size, aligned));
   int64_t resident = resident_blocks_per_sm(s);
   resident = resident < 1 ? 1 : resident;
   int64_t per_sm = kPartialFloatsPerSm / (dim * s.rows_per_block);
@@ -111,8 +140,9 @@ constexpr RowLaunch rms_norm_bwd_launch_settings(int64_t rows, int64_t dim, int 
 // The settings functions are constexpr so their invariants are proven here, at build time (a
 // broken heuristic fails the build), for the widths where buckets change and the LLaMA widths.
 constexpr bool row_launch_ok(const RowLaunch& s, int64_t dim, int max_threads) {
-  const bool items_ok =
-      s.items == 0 || s.items == 4 || s.items == 8 || (s.items == 16 && s.vec == 1);
+  const bool items_ok = s.items == 0 || s.items == 4 || s.items == 8 ||
+                        (s.items == 16 && s.vec == 1) ||
+                        (s.items == 1 && s.vec > 1 && max_threads == kBwdMaxThreadsPerRow);
   const bool covers = s.items == 0 || int64_t{s.items} * s.threads_per_row * s.vec >= dim;
   return items_ok && covers && s.threads_per_row % kWarp == 0 &&
          s.threads_per_row <= max_threads && s.rows_per_block >= 1 &&
@@ -133,6 +163,9 @@ constexpr bool rms_norm_settings_ok(int64_t dim) {
             });
         if (!row_launch_ok(f, dim, kFwdMaxThreadsPerRow)) return false;
         if (!row_launch_ok(b, dim, kBwdMaxThreadsPerRow)) return false;
+        // a block never exceeds the launch bounds of the kernel it runs
+        if (b.threads_per_row * b.rows_per_block > rms_norm_bwd_max_threads(b.vec, b.items))
+          return false;
         if (f.blocks * f.rows_per_block < rows) return false;
         if (b.blocks > cdiv(rows, b.rows_per_block)) return false;
         // The issue's promise: rows up to 8192 wide stay in registers (one read of x).
@@ -157,6 +190,16 @@ static_assert(rms_norm_settings_self_test(), "rms_norm launch settings broke an 
 // LLaMA-7B width in bf16: 128 threads x 4 vectors of 8 (QuACK's 4096 config holds 2x as many).
 static_assert(rms_norm_fwd_launch_settings(1, 4096, 2, true).threads_per_row == 128 &&
               rms_norm_fwd_launch_settings(1, 4096, 2, true).items == 4);
+// Backward at the LLaMA widths: one vector per thread; 16384 bf16 is 256 threads x 8.
+static_assert(rms_norm_bwd_shape(4096, 8).threads_per_row == 512 &&
+              rms_norm_bwd_shape(4096, 8).items == 1);
+static_assert(rms_norm_bwd_shape(6656, 8).threads_per_row == 832 &&
+              rms_norm_bwd_shape(8192, 8).threads_per_row == 1024 &&
+              rms_norm_bwd_shape(4096, 4).threads_per_row == 1024);
+static_assert(rms_norm_bwd_shape(16384, 8).threads_per_row == 256 &&
+              rms_norm_bwd_shape(16384, 8).items == 8);
+static_assert(rms_norm_bwd_shape(256, 8).threads_per_row == 32 &&
+              rms_norm_bwd_shape(256, 8).rows_per_block == 4);
 // Odd width 123 takes the scalar path: one warp, 4 values per lane, 4 rows per block.
 static_assert(rms_norm_fwd_launch_settings(1, 123, 2, true).vec == 1 &&
               rms_norm_fwd_launch_settings(1, 123, 2, true).threads_per_row == 32 &&
@@ -293,9 +336,10 @@ __global__ void __launch_bounds__(kFwdMaxThreadsPerRow, 1) rms_norm_fwd_kernel(
 // in registers across rows; kItems == 0 (wide rows) reads x and dy twice and accumulates dw in
 // its own slot of dw_partial (each column owned by one thread, so plain read-modify-write).
 // Preconditions: those of rms_norm_fwd_kernel, with dy, x, dh for x, residual; rstd (rows,)
-// fp32; dw_partial (gridDim.x * blockDim.y, dim) fp32; blockDim.x * blockDim.y <= 256.
+// fp32; dw_partial (gridDim.x * blockDim.y, dim) fp32; blockDim.x * blockDim.y <=
+// rms_norm_bwd_max_threads(kVec, kItems); blockDim.x a multiple of 32.
 template <typename T, int kVec, int kItems>
-__global__ void __launch_bounds__(kBwdMaxThreadsPerRow, 1) rms_norm_bwd_kernel(
+__global__ void __launch_bounds__(rms_norm_bwd_max_threads(kVec, kItems), 1) rms_norm_bwd_kernel(
     T* __restrict__ dx_ptr, float* dw_partial_ptr, const T* __restrict__ dy_ptr,
     const T* __restrict__ x_ptr, const T* __restrict__ weight_ptr,
     const float* __restrict__ rstd_ptr, const T* __restrict__ dh_ptr,
@@ -307,32 +351,47 @@ __global__ void __launch_bounds__(kBwdMaxThreadsPerRow, 1) rms_norm_bwd_kernel(
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   float* partial = dw_partial_ptr + slot * dim;
 
-  // dy, x (and dh) -> one vector of dx; returns dy * xhat through dw.
-  auto dx_vec = [&](T* dx, const V& dyv, const V& xv, const T* dh, const T* w, float rstd,
-                    float mean_dot, float* dw) {
-    float wf[kVec], dyf[kVec], xf[kVec], dhf[kVec], out[kVec];
-    vec_to_floats(load_vec<T, kVec>(w), wf);
-    vec_to_floats(dyv, dyf);
-    vec_to_floats(xv, xf);
-    if (dh != nullptr) vec_to_floats(load_vec<T, kVec>(dh), dhf);
+  // dy, x (and dh) -> one vector of dx; returns dy * xhat through dw. Element by element from
+  // the packed vectors, so that few fp32 copies are live at once.
+  auto dx_vec = [&](T* dx, const V& dyv, const V& xv, bool has_dh, const V& dhv, const V& wv,
+                    float rstd, float mean_dot, float* dw) {
+    float out[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float xhat = xf[j] * rstd;
-      out[j] = rstd * (dyf[j] * wf[j] - xhat * mean_dot);
-      if (dh != nullptr) out[j] += dhf[j];
-      dw[j] = dyf[j] * xhat;
+      const float dy = to_float(dyv.v[j]);
+      const float xhat = to_float(xv.v[j]) * rstd;
+      out[j] = rstd * (dy * to_float(wv.v[j]) - xhat * mean_dot);
+      if (has_dh) out[j] += to_float(dhv.v[j]);
+      dw[j] = dy * xhat;
     }
     store_vec<T, kVec>(dx, floats_to_vec<T, kVec>(out));
   };
-  auto dot_vec = [&](const V& dyv, const V& xv, const T* w, float rstd) {
-    float wf[kVec], dyf[kVec], xf[kVec];
-    vec_to_floats(load_vec<T, kVec>(w), wf);
-    vec_to_floats(dyv, dyf);
-    vec_to_floats(xv, xf);
+  auto dot_vec = [&](const V& dyv, const V& xv, const V& wv, float rstd) {
     float s = 0.f;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) s += (dyf[j] * wf[j]) * (xf[j] * rstd);
+    for (int j = 0; j < kVec; ++j) {
+      s += (to_float(dyv.v[j]) * to_float(wv.v[j])) * (to_float(xv.v[j]) * rstd);
+    }
     return s;
+  };
+
+  // One vector per thread: the row's weight stays in registers for all the rows of the block;
+  // the larger buckets reload it (L1 hits) where registers are short.
+  constexpr bool kHoldWeight = rms_norm_bwd_narrow(kVec, kItems);
+  V w_held[kHoldWeight ? kItems : 1];
+  if constexpr (kHoldWeight) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = (threadIdx.x + i * blockDim.x) * kVec;
+      if (col < dim) w_held[i] = load_vec<T, kVec>(weight_ptr + col);
+    }
+  }
+  auto weight_at = [&](int i, int col) -> V {
+    if constexpr (kHoldWeight) {
+      return w_held[i];
+    } else {
+      return load_vec<T, kVec>(weight_ptr + col);
+    }
   };
 
   float dw_acc[kItems > 0 ? kItems : 1][kVec];
@@ -369,18 +428,21 @@ __global__ void __launch_bounds__(kBwdMaxThreadsPerRow, 1) rms_norm_bwd_kernel(
         if (active && col < dim) {
           dys[i] = load_vec<T, kVec>(dy_row + col);
           xs[i] = load_vec<T, kVec>(x_row + col);
-          dot += dot_vec(dys[i], xs[i], weight_ptr + col, rstd);
+          dot += dot_vec(dys[i], xs[i], weight_at(i, col), rstd);
         }
       }
       const float mean_dot = row_reduce_sum(dot, scratch) * inv_dim;
       if (active) {
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
+          opaque(dys[i]);
+          opaque(xs[i]);
           const int col = (threadIdx.x + i * blockDim.x) * kVec;
           if (col < dim) {
             float dw[kVec];
-            dx_vec(dx_row + col, dys[i], xs[i], dh_row ? dh_row + col : nullptr,
-                   weight_ptr + col, rstd, mean_dot, dw);
+            const V dhv = dh_row ? load_vec<T, kVec>(dh_row + col) : dys[i];
+            dx_vec(dx_row + col, dys[i], xs[i], dh_row != nullptr, dhv, weight_at(i, col), rstd,
+                   mean_dot, dw);
 #pragma unroll
             for (int j = 0; j < kVec; ++j) dw_acc[i][j] += dw[j];
           }
@@ -390,15 +452,17 @@ __global__ void __launch_bounds__(kBwdMaxThreadsPerRow, 1) rms_norm_bwd_kernel(
       if (active) {
         for (int col = threadIdx.x * kVec; col < dim; col += blockDim.x * kVec) {
           dot += dot_vec(load_vec<T, kVec>(dy_row + col), load_vec<T, kVec>(x_row + col),
-                         weight_ptr + col, rstd);
+                         load_vec<T, kVec>(weight_ptr + col), rstd);
         }
       }
       const float mean_dot = row_reduce_sum(dot, scratch) * inv_dim;
       if (active) {
         for (int col = threadIdx.x * kVec; col < dim; col += blockDim.x * kVec) {
           float dw[kVec];
-          dx_vec(dx_row + col, load_vec<T, kVec>(dy_row + col), load_vec<T, kVec>(x_row + col),
-                 dh_row ? dh_row + col : nullptr, weight_ptr + col, rstd, mean_dot, dw);
+          const V dyv = load_vec<T, kVec>(dy_row + col);
+          const V dhv = dh_row ? load_vec<T, kVec>(dh_row + col) : dyv;
+          dx_vec(dx_row + col, dyv, load_vec<T, kVec>(x_row + col), dh_row != nullptr, dhv,
+                 load_vec<T, kVec>(weight_ptr + col), rstd, mean_dot, dw);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) partial[col + j] += dw[j];
         }
@@ -445,21 +509,27 @@ __global__ void __launch_bounds__(32 * kReduceRows, 1) rms_norm_dw_kernel(
 }
 
 // Host side: calls f(integral_constant<kVec>, integral_constant<kItems>) for the settings'
-// specialization; the launchers and the emulator share this one mapping.
-template <typename T, typename F>
+// specialization; the launchers and the emulator share this one mapping. kNarrowItems: the
+// backward's one-vector bucket exists (instantiated for the backward only).
+template <typename T, bool kNarrowItems = false, typename F>
 void with_row_specialization(const RowLaunch& s, F&& f) {
   with_vec<T>(s.vec, [&](auto vec) {
+    constexpr bool kNarrow = kNarrowItems && decltype(vec)::value > 1;
     switch (s.items) {
       case 0: return f(vec, std::integral_constant<int, 0>{});
+      case 1:
+        if constexpr (kNarrow) return f(vec, std::integral_constant<int, 1>{});
+        break;
       case 4: return f(vec, std::integral_constant<int, 4>{});
       case 8: return f(vec, std::integral_constant<int, 8>{});
       case 16:
         if constexpr (decltype(vec)::value == 1) return f(vec, std::integral_constant<int, 16>{});
-        [[fallthrough]];
+        break;
       default:
-        throw std::logic_error("rms_norm: internal error, no kernel for " +
-                               std::to_string(s.items) + " items");
+        break;
     }
+    throw std::logic_error("rms_norm: internal error, no kernel for " +
+                           std::to_string(s.items) + " items of " + std::to_string(s.vec));
   });
 }
 

@@ -177,7 +177,9 @@ def test_rms_norm(dtype, rows, dim, layout):
 
 
 # One row each, chosen so that together they reach every specialization family the host files
-# can pick: (vectors?, items) with items 4 / 8 / 16 (scalar only) in registers, 0 = wide rows.
+# can pick: (vectors?, items) with items in registers, 0 = wide rows. Forward: 4 / 8 / 16
+# (scalar only); backward: one vector per thread (rows of up to 1024 vectors), 8 vectors, and
+# the scalar 4 / 8 / 16.
 PATH_CASES = [(torch.bfloat16, 4096, "contig"), (torch.float32, 6656, "contig"),
               (torch.bfloat16, 32768, "contig"), (torch.bfloat16, 65536, "contig"),
               (torch.float32, 123, "contig"), (torch.float32, 2048, "misaligned"),
@@ -191,8 +193,8 @@ def test_rms_norm_paths():
         x, res, w = _rms_inputs(1, dim, dtype, layout, seed=dim)
         fwd, bwd = _check_rms_norm(x, res, w, layout)
         seen |= {("fwd", fwd["vec"] > 1, fwd["items"]), ("bwd", bwd["vec"] > 1, bwd["items"])}
-    families = {(k, v, i) for k in ("fwd", "bwd") for v in (True, False) for i in (0, 4, 8, 16)
-                if not (v and i == 16)}
+    families = {("fwd", v, i) for v in (True, False) for i in (0, 4, 8, 16) if not (v and i == 16)}
+    families |= {("bwd", True, i) for i in (0, 1, 8)} | {("bwd", False, i) for i in (0, 4, 8, 16)}
     assert seen == families, sorted(families - seen)
 
 

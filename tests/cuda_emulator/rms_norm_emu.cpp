@@ -84,7 +84,7 @@ int rms_norm_bwd_emu(int dtype, void* dx, void* dweight, const void* dy, const v
       const int64_t n_partials = s.blocks * s.rows_per_block;
       std::vector<float> dw_partial(n_partials * dim, std::numeric_limits<float>::quiet_NaN());
       emu::register_global(dw_partial.data(), dw_partial.size() * sizeof(float));
-      with_row_specialization<T>(s, [&](auto vec, auto items) {
+      with_row_specialization<T, true>(s, [&](auto vec, auto items) {
         emu::launch(rms_norm_bwd_kernel<T, decltype(vec)::value, decltype(items)::value>,
                     dim3(s.blocks), dim3(s.threads_per_row, s.rows_per_block), 0,
                     static_cast<T*>(dx), dw_partial.data(), static_cast<const T*>(dy),
