@@ -836,7 +836,9 @@ __global__ void __launch_bounds__(Tile::THREADS)
     float pt[QT][4], dpt[QT][4];
     paired_products<T, D, QT>(pt, dpt, sh_k, sh_v, key0, sq_tile, sdo_tile, lanes);
 
-    // P^T from the saved lse, then dS^T = P^T o (dP^T - delta); both indexed by query column.
+    // P^T from the saved lse, then scale dS^T = scale P^T o (dP^T - delta), both indexed by
+    // query column. The scale goes in before dS is rounded to T, as in eager (its rounded dS
+    // is the gradient of the scaled scores): fp16's overflow of dS moves 1 / scale out.
     const bool masked = tile_needs_mask(m, n_block, BLOCK_M, BLOCK_N, sq, sk, p.causal);
 #pragma unroll
     for (int qt = 0; qt < QT; ++qt) {
@@ -848,7 +850,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
         float prob = exp2f(pt[qt][e] * p.scale_log2 - lse[col]);
         if (masked && !visible(i, j, sq, sk, p.causal)) prob = 0.f;
         pt[qt][e] = prob;
-        dpt[qt][e] = prob * (dpt[qt][e] - delta[col]);
+        dpt[qt][e] = prob * (dpt[qt][e] - delta[col]) * p.softmax_scale;
       }
     }
 
@@ -872,11 +874,6 @@ __global__ void __launch_bounds__(Tile::THREADS)
     if (step + 1 < steps) store_row_stats(buf ^ 1);  // nobody reads buf ^ 1 until the barrier
   }
 
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[dt][e] *= p.softmax_scale;
-  }
   // Stage through the K and V tiles (each warp only ever read its own rows of them).
   accumulators_to_smem<T, D>(s_k, dk, key0, lane);
   accumulators_to_smem<T, D>(s_v, dv, key0, lane);
@@ -956,7 +953,8 @@ __global__ void __launch_bounds__(Tile::THREADS)
     float s[NT][4], dp[NT][4];
     paired_products<T, D, NT>(s, dp, sh_q, sh_do, row0, sk_tile, sv_tile, lanes);
 
-    // dS = P o (dP - delta), P recomputed from lse.
+    // scale dS = scale P o (dP - delta) (scaled before rounding, as in the dK/dV kernel), P
+    // recomputed from lse.
     const bool masked = tile_needs_mask(m_block, n, BLOCK_M, BLOCK_N, sq, sk, p.causal);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -966,7 +964,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
         const int j = n * BLOCK_N + nt * 8 + 2 * c + e % 2;
         float prob = exp2f(s[nt][e] * p.scale_log2 - lse[e / 2]);
         if (masked && !visible(i, j, sq, sk, p.causal)) prob = 0.f;
-        s[nt][e] = prob * (dp[nt][e] - delta[e / 2]);
+        s[nt][e] = prob * (dp[nt][e] - delta[e / 2]) * p.softmax_scale;
       }
     }
 
@@ -985,11 +983,6 @@ __global__ void __launch_bounds__(Tile::THREADS)
     }
   }
 
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq[dt][e] *= p.softmax_scale;
-  }
   if (n_end == 0) {  // Q / dO copies never waited for (as in the forward's epilogue)
     tc::cp_async_wait<0>();
     tc::block_sync();

@@ -393,15 +393,18 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_row, delta_row,
-    offs_n, start, end, seqlen_q, diag, qk_scale,
+    offs_n, start, end, seqlen_q, diag, sm_scale, qk_scale,
     stride_q_seq, stride_do_seq,
     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Query blocks [start, end) against one key block, transposed (rows = keys):
     #   P^T = exp2(qk_scale * K Q^T - lse2), dV += P^T dO, dS^T = P^T * (V dO^T - delta),
-    #   dK += dS^T Q  (the scale is applied once at the end). MASK applies the causal mask
-    # (diagonal blocks). Query rows past Sq load lse = +inf, so their P is exactly 0.
+    #   dK += (scale dS^T) Q. The scale goes into dS before it is rounded to the input dtype,
+    #   as in eager (whose rounded dS is the gradient of the scaled scores): at the default
+    #   scale that moves fp16's overflow of dS 8x (d64) to 11x (d128) further out.
+    # MASK applies the causal mask (diagonal blocks). Query rows past Sq load lse = +inf, so
+    # their P is exactly 0.
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     local = tl.arange(0, BLOCK_M)
@@ -422,7 +425,7 @@ def _attn_bwd_dkdv_inner(
         dv = _dot(p_t.to(do.dtype), do, dv, UPCAST_DOT, DOT_PRECISION)
         delta = tl.load(delta_row + offs_m, mask=m_ok, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, UPCAST_DOT, DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta[None, :]) * sm_scale
         dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST_DOT, DOT_PRECISION)
     return dk, dv
 
@@ -492,12 +495,12 @@ def _attn_bwd_dkdv_kernel(
         delta_row = delta_ptr + bh.to(tl.int64) * seqlen_q
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_row, delta_row, offs_n, lo, full, seqlen_q,
-            diag, qk_scale, stride_q_seq, stride_dout_seq, True, HEAD_DIM, BLOCK_M, BLOCK_D,
-            UPCAST_DOT, DOT_PRECISION)
+            diag, sm_scale, qk_scale, stride_q_seq, stride_dout_seq, True, HEAD_DIM, BLOCK_M,
+            BLOCK_D, UPCAST_DOT, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_row, delta_row, offs_n, full, seqlen_q,
-            seqlen_q, diag, qk_scale, stride_q_seq, stride_dout_seq, False, HEAD_DIM, BLOCK_M,
-            BLOCK_D, UPCAST_DOT, DOT_PRECISION)
+            seqlen_q, diag, sm_scale, qk_scale, stride_q_seq, stride_dout_seq, False, HEAD_DIM,
+            BLOCK_M, BLOCK_D, UPCAST_DOT, DOT_PRECISION)
 
     dk_base = (dk_ptr + b.to(tl.int64) * stride_dk_batch + kv_h.to(tl.int64) * stride_dk_head
                + tl.cast(start_n, tl.int64) * stride_dk_seq)
@@ -505,7 +508,7 @@ def _attn_bwd_dkdv_kernel(
                + tl.cast(start_n, tl.int64) * stride_dv_seq)
     mask = n_ok[:, None] & d_ok[None, :]
     tl.store(dk_base + local_n * stride_dk_seq + offs_d[None, :],
-             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask)
+             dk.to(dk_ptr.dtype.element_ty), mask=mask)
     tl.store(dv_base + local_n * stride_dv_seq + offs_d[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
@@ -513,13 +516,14 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta, k_base, v_base,
-    offs_m, start, end, seqlen_k, diag, qk_scale,
+    offs_m, start, end, seqlen_k, diag, sm_scale, qk_scale,
     stride_k_seq, stride_v_seq,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Key blocks [start, end) against one query block: P = exp2(qk_scale Q K^T - lse2),
-    # dP = dO V^T, dS = P * (dP - delta), dQ += dS K. MASK: ragged-end / diagonal blocks.
+    # dP = dO V^T, dS = P * (dP - delta), dQ += (scale dS) K (scaled before rounding, as in
+    # _attn_bwd_dkdv_inner). MASK: ragged-end / diagonal blocks.
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -539,7 +543,7 @@ def _attn_bwd_dq_inner(
             qk = tl.where(keep, qk, float("-inf"))
         p = tl.exp2(qk - lse2[:, None])
         dp = _dot(do, vt, None, UPCAST_DOT, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None]) * sm_scale
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST_DOT, DOT_PRECISION)
     return dq
 
@@ -586,18 +590,18 @@ def _attn_bwd_dq_kernel(
     diag = seqlen_k - seqlen_q
     full_end, hi = _key_bounds(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, offs_m, 0, full_end, seqlen_k, diag, qk_scale,
-        stride_k_seq, stride_v_seq, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT,
-        DOT_PRECISION)
+        dq, q, do, lse2, delta, k_base, v_base, offs_m, 0, full_end, seqlen_k, diag, sm_scale,
+        qk_scale, stride_k_seq, stride_v_seq, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D,
+        UPCAST_DOT, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, offs_m, full_end, hi, seqlen_k, diag, qk_scale,
-        stride_k_seq, stride_v_seq, True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT,
-        DOT_PRECISION)
+        dq, q, do, lse2, delta, k_base, v_base, offs_m, full_end, hi, seqlen_k, diag, sm_scale,
+        qk_scale, stride_k_seq, stride_v_seq, True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D,
+        UPCAST_DOT, DOT_PRECISION)
 
     dq_base = (dq_ptr + b.to(tl.int64) * stride_dq_batch + h.to(tl.int64) * stride_dq_head
                + tl.cast(start_m, tl.int64) * stride_dq_seq)
     tl.store(dq_base + local_m * stride_dq_seq + offs_d[None, :],
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+             dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 # ------------------------------------------------------------------------------ settings
