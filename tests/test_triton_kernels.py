@@ -231,6 +231,36 @@ def test_swiglu_kernels(rows, cols, dtype):
     assert o.is_contiguous() and torch.equal(o, out.view)
 
 
+class _Refuse:
+    def __getitem__(self, grid):
+        raise AssertionError("the 2-D kernel ran where the flat one should have")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("rows,cols", [(1, 123), (3, 1001), (5, 4096)], ids=lambda v: str(v))
+def test_swiglu_flat_kernels(rows, cols, dtype, monkeypatch):
+    """Contiguous gate, up and outputs (two projections, not halves of one) take the 1-D
+    kernels: rows x cols elements in blocks of FLAT_BLOCK, the last one partial."""
+    monkeypatch.setattr(tri_swiglu, "_swiglu_fwd_kernel", _Refuse())
+    monkeypatch.setattr(tri_swiglu, "_swiglu_bwd_kernel", _Refuse())
+    gate, up, dout = (torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in range(3))
+    out = Guarded((rows, cols), dtype, contiguous=True)
+    tri_swiglu._launch_fwd(gate, up, out.view)
+    out.check("out")
+    assert_close(out.view, reference.swiglu(gate.float(), up.float()),
+                 reference.swiglu(gate, up, upcast=False), "out")
+    dgate = Guarded((rows, cols), dtype, contiguous=True)
+    dup = Guarded((rows, cols), dtype, contiguous=True)
+    tri_swiglu._launch_bwd(dout, gate, up, dgate.view, dup.view)
+    dgate.check("dgate")
+    dup.check("dup")
+    _, (dg32, du32) = _grads(reference.swiglu, _f32((gate, up)), dout.float())
+    _, (dg_e, du_e) = _grads(lambda g, u: reference.swiglu(g, u, upcast=False), (gate, up),
+                             dout)
+    assert_close(dgate.view, dg32, dg_e, "dgate")
+    assert_close(dup.view, du32, du_e, "dup")
+
+
 # ------------------------------------------------------------------------------ rotary kernel
 
 
