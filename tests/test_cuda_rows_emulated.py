@@ -21,7 +21,10 @@ import pytest
 import torch
 
 import cuda_emulator as emu
+from fuzz_profiles import FUZZ, PROFILE
 from helpers import assert_close
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from llama_kernels import reference as ref
 
 OK, WHY = emu.available()
@@ -272,3 +275,58 @@ def test_rotary_position_out_of_table():
     cos, sin = ref.rotary_tables(4, 8)
     with pytest.raises(emu.EmulatorError, match="CUDA_KERNEL_ASSERT"):
         emu.rotary(x, cos, sin, torch.tensor([[0, 4]]))
+
+
+# ------------------------------------------------------------------------------------- fuzzing
+
+# The emulator runs a thread per fiber: keep an example to tens of thousands of elements.
+_ROW_FUZZ = settings(FUZZ, max_examples=8 if PROFILE == "ci" else 300)
+_ELEMENTS = 40_000
+
+
+def _widths(vec_edges=(32, 128, 1024)):
+    """Widths 1..9000: any (mostly the scalar path), multiples of 8 (16-byte vectors of every
+    dtype), and next to where the launch shapes change (vector width x a bucket edge, +-1)."""
+    near = st.builds(lambda v, edge, off: max(1, v * edge + off), st.sampled_from([4, 8]),
+                     st.sampled_from(vec_edges), st.integers(-1, 1))
+    return st.one_of(st.integers(1, 9000), st.integers(1, 1125).map(lambda k: 8 * k), near)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu"])
+@_ROW_FUZZ
+@given(data=st.data())
+def test_fuzz_rows(op, data):
+    """Random widths, rows, dtypes, layouts and (for the persistent / one-wave grids) SM counts
+    and occupancies: forward and backward against the reference."""
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+                      label="dtype")
+    cols = data.draw(_widths(), label="cols")
+    rows = data.draw(st.integers(1, 40), label="rows")
+    assume(rows * cols <= _ELEMENTS)
+    layouts = ["contig", "misaligned"] + (["fused"] if op == "swiglu" else [])
+    layout = data.draw(st.sampled_from(layouts), label="layout")
+    num_sms = data.draw(st.integers(1, 8), label="SMs")
+    blocks_per_sm = data.draw(st.integers(1, 4), label="blocks per SM")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    if op == "rms_norm":
+        x, res, w = _rms_inputs(rows, cols, dtype, layout, seed)
+        _check_rms_norm(x, res, w, layout)
+        dy = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        rstd = ref.rms_norm_rstd(x, EPS)
+        dx, dw = emu.rms_norm_bwd(dy, x, w, rstd, num_sms=num_sms, blocks_per_sm=blocks_per_sm)
+        r_dx, r_dw = ref.rms_norm_backward(dy.float(), x.float(), w.float(), rstd)
+        e_dx, e_dw = _eager_grads(lambda a, b: ref.rms_norm(a, b, EPS, upcast=False), (x, w), dy)
+        assert_close(dx, r_dx, _finite_or(e_dx, r_dx), "dx (few slots)")
+        assert_close(dw, r_dw, _finite_or(e_dw, r_dw), "dweight (few slots)")
+    else:
+        gate, up = _rows(rows, cols, dtype, layout, seed)
+        kw = dict(num_sms=num_sms, blocks_per_sm=blocks_per_sm)
+        out = emu.swiglu_fwd(gate, up, **kw)
+        assert_close(out, ref.swiglu(gate.float(), up.float()), ref.swiglu(gate, up, upcast=False))
+        dout = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        dgate, dup = emu.swiglu_bwd(dout, gate, up, **kw)
+        r_dgate, r_dup = ref.swiglu_backward(dout.float(), gate.float(), up.float())
+        e_dgate, e_dup = _eager_grads(lambda g, u: ref.swiglu(g, u, upcast=False), (gate, up),
+                                      dout)
+        assert_close(dgate, r_dgate, _finite_or(e_dgate, r_dgate), "dgate")
+        assert_close(dup, r_dup, _finite_or(e_dup, r_dup), "dup")
