@@ -31,7 +31,7 @@ import cuda_emulator
 import llama_kernels as lk
 from llama_kernels import reference
 from fuzz_profiles import FUZZ, PROFILE
-from helpers import DEVICE, GPU, backend_params, check_fwd_bwd
+from helpers import DEVICE, GPU, assert_close, backend_params, check_fwd_bwd
 
 BACKENDS = backend_params()
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -445,6 +445,30 @@ def test_regression_attention_fp16_ds_overflow(backend):
 @pytest.mark.skipif(not _EMULATOR, reason=f"no CUDA emulator: {_EMULATOR_WHY_NOT}")
 def test_regression_attention_fp16_ds_overflow_cuda_emulated():
     _fp16_ds_overflow_case(None, lambda q, k, v: _Emulated.apply(q, k, v, True, 64 ** -0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regression_attention_fp16_gradient_beyond_range(backend):
+    """Found by test_fuzz_flash_attention (torch backend, fp16, non-causal, one query, 100
+    keys, 6 / 3 heads, head_dim 16, q and k scaled by 3, v by 1e4, scale 1.0): dq "non-finite".
+    The exact dq reaches 9.0e4, past fp16's 65504, so inf is its right rounding; the tolerance
+    rule (helpers.assert_close) now takes the inf there and bounds the error elsewhere."""
+    torch.manual_seed(0)
+    _check_attention(backend, False, torch.float16, 1, 1, 100, 6, 3, 16, "contiguous", 3.0, 1e4,
+                     1.0)
+
+
+def test_assert_close_overflow_rule():
+    """Where the exact answer overflows the dtype, its inf passes and nothing else far from it
+    does; an inf where the answer is finite never passes."""
+    ref32 = torch.tensor([1.0, 7e4, -7e4])
+    good = ref32.to(torch.float16)  # [1, inf, -inf]
+    assert_close(good, ref32, good)
+    for bad in ([float("inf"), float("inf"), float("-inf")],  # inf where the answer is 1
+                [1.0, 1.0, float("-inf")],  # finite and far where it overflows
+                [1.0, float("-inf"), float("-inf")]):  # the wrong inf
+        with pytest.raises(AssertionError):
+            assert_close(torch.tensor(bad, dtype=torch.float16), ref32, good)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
