@@ -49,9 +49,11 @@ def _floor(dtype: torch.dtype, scale: float) -> float:
     return rel * max(1.0, scale)
 
 
-def assert_close(out: torch.Tensor, ref32: torch.Tensor, eager: torch.Tensor, name: str = "out"):
-    """|out - ref32| <= 2 |eager - ref32| + floor: a kernel in dtype T may be at most about twice
-    as wrong as eager PyTorch in T, measured against the fp32 reference."""
+def assert_close(out: torch.Tensor, ref32: torch.Tensor, eager: torch.Tensor, name: str = "out",
+                 atol: float = 0.0):
+    """|out - ref32| <= 2 |eager - ref32| + floor (+ atol): a kernel in dtype T may be at most
+    about twice as wrong as eager PyTorch in T, measured against the fp32 reference. ``atol``:
+    a caller's bound on rounding its algorithm cannot avoid where eager's is exact."""
     assert out.shape == ref32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
     assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != {eager.dtype}"
     # Where the exact answer lies beyond the dtype's range it rounds to +-inf: there the output
@@ -71,7 +73,8 @@ def assert_close(out: torch.Tensor, ref32: torch.Tensor, eager: torch.Tensor, na
             return
     err = max_err(out, ref32)
     eager_err = max_err(eager, ref32)
-    tol = 2 * eager_err + _floor(out.dtype, ref32.abs().max().item())
+    assert math.isfinite(eager_err), f"{name}: the baseline is not finite where the answer is"
+    tol = 2 * eager_err + _floor(out.dtype, ref32.abs().max().item()) + atol
     assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (eager {eager_err:.3e})"
 
 
@@ -126,13 +129,15 @@ def _run(fn, tensors, grad_outs=None, grad_inputs=()):
     return outs, grads
 
 
-def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=None):
+def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=None,
+                  grad_atol=None):
     """``kernel_fn(*inputs)`` against ``ref_fn(*inputs, upcast=True)`` in fp32, forward and
     backward with the same random output gradients, tolerance from eager in the dtype
     (``upcast=False``), or from the rounded fp32 answer where eager overflows.
     ``grad_baseline(grad_outs, kernel_outs)``: other gradients a correct kernel may be as far
     from as eager is (the larger of the two errors sets the bound); it sees the output
-    gradients (fp32) and the kernel's own outputs."""
+    gradients (fp32) and the kernel's own outputs. ``grad_atol(grad_outs)``: an absolute term
+    added to the gradients' bound (assert_close's ``atol``)."""
     grad_inputs = list(range(len(inputs))) if grad_inputs is None else grad_inputs
     snapshot = [t.clone() for t in inputs]
     r_out, _ = _run(lambda *a: ref_fn(*a, upcast=True), _leaves(inputs, torch.float32))
@@ -153,10 +158,13 @@ def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=
         worse = []
         for r, e, alt in zip(r_grads, e_grads, grad_baseline(grad_outs, k_out)):
             alt = alt.to(e.dtype)
-            worse.append(alt if _in_range_err(alt, r) > _in_range_err(e, r) else e)
+            # a baseline that overflows where the answer does not would make the bound infinite
+            usable = bool(torch.isfinite(alt)[torch.isfinite(r.to(e.dtype))].all())
+            worse.append(alt if usable and _in_range_err(alt, r) > _in_range_err(e, r) else e)
         e_grads = worse
+    atol = 0.0 if grad_atol is None else grad_atol(grad_outs)
     for i, (k, r, e) in enumerate(zip(k_grads, r_grads, e_grads)):
-        assert_close(k, r, e, name=f"grad of input {grad_inputs[i]}")
+        assert_close(k, r, e, name=f"grad of input {grad_inputs[i]}", atol=atol)
 
 
 def poisoned(shape, dtype, scale=1.0, device=DEVICE):

@@ -246,13 +246,15 @@ def _aot_cases() -> list[_aot.AotCase]:
                            stride_gate_row="i32", stride_up_row="i32", stride_dgate_row="i32",
                            stride_dup_row="i32"),
                 constexprs=consts, num_warps=s.num_warps, num_stages=s.num_stages))
+        # n as i32: Triton's launcher passes an int below 2**31 so (180 M elements at 16384 x
+        # 11008); larger tensors get their own i64 compile of the same code.
         cases.append(_aot.case(
             f"swiglu_fwd_flat {dtype}", _swiglu_fwd_flat_kernel,
-            types=dict(gate_ptr=t, up_ptr=t, out_ptr=t, n="i64"),
+            types=dict(gate_ptr=t, up_ptr=t, out_ptr=t, n="i32"),
             constexprs=dict(BLOCK=FLAT_BLOCK), num_warps=FLAT_WARPS, num_stages=1))
         cases.append(_aot.case(
             f"swiglu_bwd_flat {dtype}", _swiglu_bwd_flat_kernel,
-            types=dict(dout_ptr=t, gate_ptr=t, up_ptr=t, dgate_ptr=t, dup_ptr=t, n="i64"),
+            types=dict(dout_ptr=t, gate_ptr=t, up_ptr=t, dgate_ptr=t, dup_ptr=t, n="i32"),
             constexprs=dict(BLOCK=FLAT_BLOCK), num_warps=FLAT_WARPS, num_stages=1))
     return cases
 
