@@ -520,7 +520,9 @@ void with_row_specialization(const RowLaunch& s, F&& f) {
       case 1:
         if constexpr (kNarrow) return f(vec, std::integral_constant<int, 1>{});
         break;
-      case 4: return f(vec, std::integral_constant<int, 4>{});
+      case 4:  // the backward's vector rows take 1 or 8 vectors, never 4
+        if constexpr (!kNarrow) return f(vec, std::integral_constant<int, 4>{});
+        break;
       case 8: return f(vec, std::integral_constant<int, 8>{});
       case 16:
         if constexpr (decltype(vec)::value == 1) return f(vec, std::integral_constant<int, 16>{});
