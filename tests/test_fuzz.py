@@ -386,15 +386,32 @@ def _check_attention(backend, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_s
 
     def cancellation(grad_outs):
         """The flash backward forms dS = P (dP - delta) from two separately summed fp32 terms
-        of size |dO| |V| (delta from the saved output), where eager subtracts sum(P dP) from
-        dP exactly: a few eps32 of that, times |K| or |Q| and the scale, is noise eager does not
-        have, in every dtype. It matters only where the gradients nearly vanish (one visible
-        key: dq = dk = 0 exactly; the fuzzer drew it in fp32, 1.2e-4 against a bound of 1e-5,
-        and fp16, 1.6e-3 against 9.8e-4)."""
-        scale = d ** -0.5 if softmax_scale is None else abs(softmax_scale)
-        terms = grad_outs[0].abs().max() * v.abs().max() * d
-        return 4 * torch.finfo(torch.float32).eps * (terms * max(q.abs().max(), k.abs().max())
-                                                     * scale).item()
+        (dP = dO . v_j, delta = dO . o from the saved output), where eager subtracts sum(P dP)
+        from dP exactly. Each carries up to eps32 times its sum of |products|; through dQ = scale
+        dS K and dK = scale dS^T Q that is at most scale (P o c) |K| and scale (P o c)^T |Q|,
+        c_ij = eps32 (|dO_i| . |v_j| + |dO_i| . |o_i|): noise eager does not have, in every
+        dtype. It matters only where the gradients nearly vanish (one visible key: dq = dk =
+        0 exactly; the fuzzer drew it in fp32, 1.2e-4 against a bound of 1e-5, and fp16,
+        1.6e-3 against 9.8e-4). Four times the bound's largest element."""
+        scale = abs(d ** -0.5 if softmax_scale is None else softmax_scale)
+        rep = hq // hkv
+        qf = q.float().transpose(1, 2)  # (B, Hq, Sq, D)
+        kf, vf = (t.float().repeat_interleave(rep, dim=2).transpose(1, 2) for t in (k, v))
+        out, _ = reference.attention_with_lse(q.float(), k.float(), v.float(), causal=causal,
+                                              softmax_scale=softmax_scale)
+        dout = grad_outs[0].float().abs().transpose(1, 2)
+        scores = qf @ kf.transpose(-1, -2) * (d ** -0.5 if softmax_scale is None
+                                              else softmax_scale)
+        if causal:
+            scores = scores.masked_fill(~reference.causal_mask(sq, sk), float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        c = torch.finfo(torch.float32).eps * (
+            dout @ vf.abs().transpose(-1, -2)
+            + (dout * out.float().abs().transpose(1, 2)).sum(-1, keepdim=True))
+        pc = p * c
+        bound_dq = scale * (pc @ kf.abs())
+        bound_dk = scale * (pc.transpose(-1, -2) @ qf.abs())
+        return 4 * max(bound_dq.max().item(), rep * bound_dk.max().item())
 
     check_fwd_bwd(attention_fn, ref, [q, k, v], grad_baseline=from_saved_out,
                   grad_atol=cancellation)
