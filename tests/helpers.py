@@ -130,14 +130,14 @@ def _run(fn, tensors, grad_outs=None, grad_inputs=()):
 
 
 def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=None,
-                  grad_atol=None):
+                  grad_atol=None, out_atol=None):
     """``kernel_fn(*inputs)`` against ``ref_fn(*inputs, upcast=True)`` in fp32, forward and
     backward with the same random output gradients, tolerance from eager in the dtype
     (``upcast=False``), or from the rounded fp32 answer where eager overflows.
     ``grad_baseline(grad_outs, kernel_outs)``: other gradients a correct kernel may be as far
     from as eager is (the larger of the two errors sets the bound); it sees the output
-    gradients (fp32) and the kernel's own outputs. ``grad_atol(grad_outs)``: an absolute term
-    added to the gradients' bound (assert_close's ``atol``)."""
+    gradients (fp32) and the kernel's own outputs. ``grad_atol(grad_outs)`` and ``out_atol()``:
+    absolute terms added to the gradients' and the outputs' bounds (assert_close's ``atol``)."""
     grad_inputs = list(range(len(inputs))) if grad_inputs is None else grad_inputs
     snapshot = [t.clone() for t in inputs]
     r_out, _ = _run(lambda *a: ref_fn(*a, upcast=True), _leaves(inputs, torch.float32))
@@ -153,7 +153,7 @@ def check_fwd_bwd(kernel_fn, ref_fn, inputs, *, grad_inputs=None, grad_baseline=
         e_out, e_grads = _run(lambda *a: ref_fn(*a, upcast=True), _leaves(inputs), grad_outs,
                               grad_inputs)
     for i, (k, r, e) in enumerate(zip(k_out, r_out, e_out)):
-        assert_close(k, r, e, name=f"output {i}")
+        assert_close(k, r, e, name=f"output {i}", atol=0.0 if out_atol is None else out_atol())
     if grad_baseline is not None:
         worse = []
         for r, e, alt in zip(r_grads, e_grads, grad_baseline(grad_outs, k_out)):
