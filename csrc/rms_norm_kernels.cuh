@@ -62,6 +62,14 @@ struct RowLaunch {
   int64_t blocks;       // gridDim.x
 };
 
+// A RowLaunch of `items` per thread on `threads` per row: rows narrower than kMinBlockThreads
+// share a block, so that an SM (at most 32 resident blocks) can still be filled.
+constexpr RowLaunch row_block(int vec, int64_t items, int64_t threads) {
+  const int64_t rows_per_block = threads >= kMinBlockThreads ? 1 : kMinBlockThreads / threads;
+  return RowLaunch{vec, static_cast<int>(items), static_cast<int>(threads),
+                   static_cast<int>(rows_per_block), 0};
+}
+
 // Threads per row and items per thread for a row of n_vec vectors: about kTargetItems vectors
 // per thread, at least one warp (a narrow row is one warp: the reduction is shuffles only), at
 // most max_threads; rows that would need more than kMaxItems per thread take the wide path.
@@ -75,9 +83,7 @@ constexpr RowLaunch row_shape(int64_t dim, int vec, int max_threads) {
   int64_t items = next_pow2(cdiv(n_vec, threads));
   items = items < kTargetItems ? kTargetItems : items;
   if (items > (vec == 1 ? kMaxScalarItems : kMaxItems)) items = 0;
-  const int64_t rows_per_block = threads >= kMinBlockThreads ? 1 : kMinBlockThreads / threads;
-  return RowLaunch{vec, static_cast<int>(items), static_cast<int>(threads),
-                   static_cast<int>(rows_per_block), 0};
+  return row_block(vec, items, threads);
 }
 
 // 16-byte vectors when every row starts 16-byte aligned and the width is a whole number of
@@ -111,8 +117,7 @@ constexpr RowLaunch rms_norm_bwd_shape(int64_t dim, int vec) {
   if (vec > 1 && n_vec <= kBwdMaxThreadsPerRow) {
     int64_t threads = cdiv(n_vec, kWarp) * kWarp;
     if (threads < kMinBlockThreads) threads = next_pow2(threads);
-    const int64_t rows_per_block = threads >= kMinBlockThreads ? 1 : kMinBlockThreads / threads;
-    return RowLaunch{vec, 1, static_cast<int>(threads), static_cast<int>(rows_per_block), 0};
+    return row_block(vec, 1, threads);
   }
   return row_shape(dim, vec, kBwdWideThreadsPerRow);
 }
