@@ -35,7 +35,7 @@ _SIGS = {
     "selftest_reuse": [_P, _P],
     "selftest_race": [_P, _P, _I, _I],
     "selftest_order": [_P, _I, _I],
-    "selftest_deadlock": [_I],
+    "selftest_deadlock": [_I, _P],
     "selftest_fault": [_I],
 }
 SEEDS = range(1, 9)  # the random schedules each schedule test tries
@@ -149,17 +149,20 @@ def test_exit_with_copies_in_flight_is_an_error(lib):
 ], ids=["exited-vs-block_sync", "block_sync-vs-shfl", "half-warp-shfl", "divergent"])
 def test_deadlock_is_reported(lib, variant, message, seed):
     with pytest.raises(emu.EmulatorError, match=message) as error:
-        emu.call(lib.selftest_deadlock, variant, lib=lib, schedule_seed=seed)
+        emu.call(lib.selftest_deadlock, variant, ctypes.byref(ctypes.c_int()), lib=lib,
+                 schedule_seed=seed)
     # An error under a random schedule names the seed that reproduces it.
     assert str(error.value).endswith(f" [schedule seed {seed}]") == bool(seed), error.value
 
 
 @pytest.mark.parametrize("seed", [0, 5], ids=["round-robin", "seed5"])
 def test_balanced_barriers_are_not_a_deadlock(lib, seed):
+    finished = ctypes.c_int(-1)
     try:
-        emu.call(lib.selftest_deadlock, 4, lib=lib, schedule_seed=seed)
+        emu.call(lib.selftest_deadlock, 4, ctypes.byref(finished), lib=lib, schedule_seed=seed)
     except emu.EmulatorError as error:
         pytest.fail(f"balanced barriers reported as an error: {error}")
+    assert finished.value == 2 * 64, "not every thread got past both barriers"
 
 
 @pytest.mark.parametrize("which, message", [

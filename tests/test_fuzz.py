@@ -21,6 +21,8 @@ Every failure found becomes an ``@example`` (a fixed regression case) on its tes
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -387,22 +389,24 @@ def _check_attention(backend, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_s
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     rep = hq // hkv
 
-    def probs_and_abs():
-        """Exact fp32 P (B, Hq, Sq, Sk) and |q|, |k|, |v| as (B, Hq, S, D)."""
+    @functools.cache
+    def exact():
+        """Exact fp32 P (B, Hq, Sq, Sk), q, k and v as (B, Hq, S, D) and out = P v, once."""
         qf = q.float().transpose(1, 2)
         kf, vf = (t.float().repeat_interleave(rep, dim=2).transpose(1, 2) for t in (k, v))
         scores = qf @ kf.transpose(-1, -2) * scale
         if causal:
             scores = scores.masked_fill(~reference.causal_mask(sq, sk), float("-inf"))
-        return torch.softmax(scores, dim=-1), qf.abs(), kf.abs(), vf.abs()
+        p = torch.softmax(scores, dim=-1)
+        return p, qf, kf, vf, p @ vf
 
     def p_rounding():
         """The forward rounds P to the dtype before P V, as eager's softmax output is rounded:
         up to half an eps of each term of sum_j P_ij v_j, which cancel where v's signs mix.
         Eager's own max error estimates that well over many outputs, not over a handful (the
         fuzzer: bf16, head_dim 1, one query, v x 30: 5.6e-2 against 4.7e-2, eager 7.0e-3)."""
-        p, _, _, v_abs = probs_and_abs()
-        return 0.5 * torch.finfo(dtype).eps * (p @ v_abs).max().item()
+        p, _, _, vf, _ = exact()
+        return 0.5 * torch.finfo(dtype).eps * (p @ vf.abs()).max().item()
 
     def cancellation(grad_outs):
         """The flash backward forms dS = P (dP - delta) from two separately summed fp32 terms
@@ -413,16 +417,13 @@ def _check_attention(backend, causal, dtype, b, sq, sk, hq, hkv, d, layout, qk_s
         dtype. It matters only where the gradients nearly vanish (one visible key: dq = dk =
         0 exactly; the fuzzer drew it in fp32, 1.2e-4 against a bound of 1e-5, and fp16,
         1.6e-3 against 9.8e-4). Four times the bound's largest element."""
-        p, q_abs, k_abs, v_abs = probs_and_abs()
-        out, _ = reference.attention_with_lse(q.float(), k.float(), v.float(), causal=causal,
-                                              softmax_scale=softmax_scale)
+        p, qf, kf, vf, out = exact()
         dout = grad_outs[0].float().abs().transpose(1, 2)
         c = torch.finfo(torch.float32).eps * (
-            dout @ v_abs.transpose(-1, -2)
-            + (dout * out.float().abs().transpose(1, 2)).sum(-1, keepdim=True))
+            dout @ vf.abs().transpose(-1, -2) + (dout * out.abs()).sum(-1, keepdim=True))
         pc = p * c
-        bound_dq = abs(scale) * (pc @ k_abs)
-        bound_dk = abs(scale) * (pc.transpose(-1, -2) @ q_abs)
+        bound_dq = abs(scale) * (pc @ kf.abs())
+        bound_dk = abs(scale) * (pc.transpose(-1, -2) @ qf.abs())
         return 4 * max(bound_dq.max().item(), rep * bound_dk.max().item())
 
     check_fwd_bwd(attention_fn, ref, [q, k, v], grad_baseline=from_saved_out,
@@ -466,12 +467,6 @@ def test_regression_attention_bf16_head_dim_1(backend):
                      0.1, None)
 
 
-def _fp16_ds_overflow_case(backend, attention_fn=None):
-    torch.manual_seed(0)
-    _check_attention(backend, True, torch.float16, 1, 86, 86, 1, 1, 64, "contiguous", 1e-3, 1e4,
-                     None, attention_fn=attention_fn)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_regression_attention_fp16_ds_overflow(backend):
     """Found by test_fuzz_flash_attention_cuda_emulated (fp16, causal, Sq = Sk = 86, head_dim
@@ -481,12 +476,16 @@ def test_regression_attention_fp16_ds_overflow(backend):
     kernels now round scale * dS, as eager does (its rounded dS is the gradient of the scaled
     scores): 1 / scale (8x at head_dim 64) more headroom. Eager fp16 itself overflows here (in
     dP = dO V^T), so the bound comes from the fp32 reference."""
-    _fp16_ds_overflow_case(backend)
+    torch.manual_seed(0)
+    _check_attention(backend, True, torch.float16, 1, 86, 86, 1, 1, 64, "contiguous", 1e-3, 1e4,
+                     None)
 
 
 @pytest.mark.skipif(not _EMULATOR, reason=f"no CUDA emulator: {_EMULATOR_WHY_NOT}")
 def test_regression_attention_fp16_ds_overflow_cuda_emulated():
-    _fp16_ds_overflow_case(None, lambda q, k, v: _Emulated.apply(q, k, v, True, 64 ** -0.5))
+    torch.manual_seed(0)
+    _check_attention(None, True, torch.float16, 1, 86, 86, 1, 1, 64, "contiguous", 1e-3, 1e4,
+                     None, attention_fn=lambda q, k, v: _Emulated.apply(q, k, v, True, 64 ** -0.5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

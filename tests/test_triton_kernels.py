@@ -206,18 +206,16 @@ def test_rms_norm_settings():
 SWIGLU_SHAPES = [(1, 123), (3, 123), (1000, 123), (3, 4096), (3, 6656)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("rows,cols", SWIGLU_SHAPES, ids=lambda v: str(v))
-def test_swiglu_kernels(rows, cols, dtype):
-    fused = rand_rows(rows, 2 * cols, dtype)  # one projection: gate and up are its halves
-    gate, up = fused[:, :cols], fused[:, cols:]
-    dout = rand_rows(rows, cols, dtype, pad=7)  # not contiguous either
-    out = Guarded((rows, cols), dtype)
+def _check_swiglu_launchers(gate, up, dout, contiguous_outputs: bool) -> torch.Tensor:
+    """Both launchers into NaN-guarded outputs, against the reference; returns the output."""
+    rows, cols = gate.shape
+    guarded = lambda: Guarded((rows, cols), gate.dtype, contiguous=contiguous_outputs)  # noqa: E731
+    out = guarded()
     tri_swiglu._launch_fwd(gate, up, out.view)
     out.check("out")
     assert_close(out.view, reference.swiglu(gate.float(), up.float()),
                  reference.swiglu(gate, up, upcast=False), "out")
-    dgate, dup = Guarded((rows, cols), dtype), Guarded((rows, cols), dtype)
+    dgate, dup = guarded(), guarded()
     tri_swiglu._launch_bwd(dout, gate, up, dgate.view, dup.view)
     dgate.check("dgate")
     dup.check("dup")
@@ -226,9 +224,19 @@ def test_swiglu_kernels(rows, cols, dtype):
                              dout)
     assert_close(dgate.view, dg32, dg_e, "dgate")
     assert_close(dup.view, du32, du_e, "dup")
+    return out.view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("rows,cols", SWIGLU_SHAPES, ids=lambda v: str(v))
+def test_swiglu_kernels(rows, cols, dtype):
+    fused = rand_rows(rows, 2 * cols, dtype)  # one projection: gate and up are its halves
+    gate, up = fused[:, :cols], fused[:, cols:]
+    dout = rand_rows(rows, cols, dtype, pad=7)  # not contiguous either
+    out = _check_swiglu_launchers(gate, up, dout, contiguous_outputs=False)
     # the public launchers return contiguous tensors
     o = tri_swiglu.swiglu_fwd(gate, up)
-    assert o.is_contiguous() and torch.equal(o, out.view)
+    assert o.is_contiguous() and torch.equal(o, out)
 
 
 class _Refuse:
@@ -244,21 +252,7 @@ def test_swiglu_flat_kernels(rows, cols, dtype, monkeypatch):
     monkeypatch.setattr(tri_swiglu, "_swiglu_fwd_kernel", _Refuse())
     monkeypatch.setattr(tri_swiglu, "_swiglu_bwd_kernel", _Refuse())
     gate, up, dout = (torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in range(3))
-    out = Guarded((rows, cols), dtype, contiguous=True)
-    tri_swiglu._launch_fwd(gate, up, out.view)
-    out.check("out")
-    assert_close(out.view, reference.swiglu(gate.float(), up.float()),
-                 reference.swiglu(gate, up, upcast=False), "out")
-    dgate = Guarded((rows, cols), dtype, contiguous=True)
-    dup = Guarded((rows, cols), dtype, contiguous=True)
-    tri_swiglu._launch_bwd(dout, gate, up, dgate.view, dup.view)
-    dgate.check("dgate")
-    dup.check("dup")
-    _, (dg32, du32) = _grads(reference.swiglu, _f32((gate, up)), dout.float())
-    _, (dg_e, du_e) = _grads(lambda g, u: reference.swiglu(g, u, upcast=False), (gate, up),
-                             dout)
-    assert_close(dgate.view, dg32, dg_e, "dgate")
-    assert_close(dup.view, du32, du_e, "dup")
+    _check_swiglu_launchers(gate, up, dout, contiguous_outputs=True)
 
 
 # ------------------------------------------------------------------------------ rotary kernel

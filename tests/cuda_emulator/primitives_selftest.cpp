@@ -211,6 +211,8 @@ void order_kernel(const OrderParams p) {
 }
 
 // ---------------------------------------------------------------- broken kernels
+int g_deadlock_finished = 0;  // threads of deadlock_kernel's control that ran to the end
+
 void deadlock_kernel(const int variant) {
   const int t = threadIdx.x, lane = t % 32;
   uint32_t r[4];
@@ -244,6 +246,7 @@ void deadlock_kernel(const int variant) {
       tc::block_sync();
       if (t >= 32) tc::shfl_xor(1.0f, 1);
       tc::block_sync();
+      ++g_deadlock_finished;  // fibers run one at a time: no race
   }
 }
 
@@ -379,9 +382,12 @@ int selftest_order(int* order, int warps, int steps, char* err, size_t err_len) 
   });
 }
 
-int selftest_deadlock(int variant, char* err, size_t err_len) {
+// finished: the threads of the control (variant 4) that got past both barriers.
+int selftest_deadlock(int variant, int* finished, char* err, size_t err_len) {
   return emu::call_c(err, err_len, [&] {
+    g_deadlock_finished = 0;
     emu::launch(deadlock_kernel, dim3(2), dim3(64), 64, variant);
+    *finished = g_deadlock_finished;
   });
 }
 
