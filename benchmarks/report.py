@@ -1,10 +1,16 @@
 """The markdown report (a table per op and shape) and the plots (throughput vs size per op, one
-line per implementation, the measured ceiling drawn)."""
+line per implementation, the measured ceiling drawn).
+
+    python -m benchmarks.report results.json [--out DIR]   # report.md and the plots, from JSON
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import sys
 from collections import defaultdict
 
 
@@ -121,3 +127,25 @@ def plots(record: dict, out_dir: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                 description="report.md and the plots from a results.json")
+    ap.add_argument("results", help="a results.json written by python -m benchmarks")
+    ap.add_argument("--out", default=None, help="folder for report.md and plots (default: the "
+                    "folder of results.json)")
+    args = ap.parse_args(argv)
+    with open(args.results) as f:
+        record = json.load(f)
+    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown(record))
+    paths = plots(record, out)
+    print(f"wrote {os.path.join(out, 'report.md')}" + "".join(f", {p}" for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
