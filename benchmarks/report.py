@@ -33,7 +33,10 @@ def markdown(record: dict) -> str:
         f"- commit {env['commit']}, date {env['date']}",
         f"- ceilings measured in this run: device-to-device copy {_fmt(ceil['copy_gbps'], 0)} "
         f"GB/s (read + write), bf16 {ceil['matmul_size']}^3 matmul "
-        f"{_fmt(ceil['matmul_tflops'], 0)} TFLOP/s",
+        f"{_fmt(ceil['matmul_tflops'], 0)} TFLOP/s"
+        + (" (copies tried, GB/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                 ceil["copy_streams"].items()) + ")"
+           if ceil.get("copy_streams") else ""),
         "- GPU ms: median (p20-p80) per call of N calls captured in one CUDA graph (no host "
         "overhead; inputs several times the L2). host ms: median of one eager call at a time "
         "(triton.testing.do_bench, L2 flushed), which includes Python and launch overhead. "

@@ -3,6 +3,9 @@ variant whose output is wrong is reported as failed, never timed."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from benchmarks import cases as C
@@ -71,3 +74,15 @@ def test_model_flops_counts_every_linear_weight():
     seven = ModelArgs.from_name("7B")
     per_token = model_flops(seven, 1, 1, backward=False)
     assert 2 * 6.6e9 < per_token < 2 * 6.8e9
+
+
+def test_triton_copy_of_the_copy_ceiling_copies():
+    """The Triton stream the copy ceiling times copies every element, ragged tail included."""
+    from benchmarks import harness
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton cannot run here")
+    src = torch.randn(3 * harness.COPY_BLOCK + 17, device="cuda" if harness.GPU else "cpu")
+    dst = torch.full_like(src, float("nan"))
+    harness._triton_copy()(dst, src)
+    assert torch.equal(dst, src)
