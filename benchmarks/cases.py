@@ -158,7 +158,7 @@ def check_output(case: Case, impl: Callable, inputs: list[torch.Tensor]) -> str 
 
 
 def row_cases(backends, presets, tokens, dtype, device):
-    """The row ops at the issue's LLaMA shapes: ``tokens`` rows of each preset's width
+    """The row ops at LLaMA's shapes: ``tokens`` rows of each preset's width
     (SwiGLU: the FFN width), rotary on q and k of B x 4096 tokens (query heads of the preset,
     8 kv heads, head_dim 128)."""
     cases = []
@@ -257,8 +257,30 @@ def _sdpa(backend_name):
     return run
 
 
+def _flex():
+    """FlexAttention, compiled, with the bottom-right causal block mask built once per shape
+    (block masks are what let it skip fully masked tiles)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    masks = {}
+
+    def run(q, k, v):
+        sq, hq, sk = q.shape[1], q.shape[2], k.shape[1]
+        key = (sq, sk, q.device)
+        if key not in masks:
+            offset = sk - sq
+            masks[key] = create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, sq,
+                                           sk, device=q.device)
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                       block_mask=masks[key], enable_gqa=hq != k.shape[2])
+        return out.transpose(1, 2)
+
+    return run
+
+
 def attention_shapes(presets, quick):
-    """(label, batch, Sq, Sk, Hq, Hkv): the issue's sweep. Prefill: 16k tokens at S = 1k..16k,
+    """(label, batch, Sq, Sk, Hq, Hkv): the attention sweep. Prefill: 16k tokens at S = 1k..16k,
     multi-head and GQA 32/8; decoding: one query against 1k..32k cached keys, batch 8."""
     shapes = []
     for name in presets:
@@ -301,6 +323,7 @@ def attention_cases(backends, presets, dtype, device, quick):
         if device.type == "cuda":
             for sdpa in ("flash", "efficient", "cudnn"):
                 impls[f"sdpa-{sdpa}"] = _sdpa(sdpa)
+            impls["flex"] = _flex()
         decode = sq == 1
         cases.append(Case(
             "flash_attention", f"{label} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv}",

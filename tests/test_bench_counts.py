@@ -86,3 +86,15 @@ def test_triton_copy_of_the_copy_ceiling_copies():
     dst = torch.full_like(src, float("nan"))
     harness._triton_copy()(dst, src)
     assert torch.equal(dst, src)
+
+
+def test_flex_attention_peer_is_bottom_right_causal_gqa():
+    """The FlexAttention peer computes the same attention as ours (bottom-right causal mask,
+    grouped kv heads), so its row in the benchmark compares like with like."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flex = C._flex()
+    for sq, sk, hq, hkv in ((5, 40, 4, 1), (33, 33, 4, 2)):
+        q = torch.randn(1, sq, hq, 16, device=device)
+        k, v = (torch.randn(1, sk, hkv, 16, device=device) for _ in range(2))
+        torch.testing.assert_close(flex(q, k, v), reference.attention(q, k, v),
+                                   rtol=1e-4, atol=1e-5)
