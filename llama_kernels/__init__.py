@@ -9,6 +9,8 @@ from llama_kernels.ops import (
     apply_rotary,
     available_backends,
     flash_attention,
+    flash_attention_varlen,
+    flash_attention_with_kvcache,
     rms_norm,
     rotary_tables,
     swiglu,
@@ -18,6 +20,7 @@ from llama_kernels.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "add_rms_norm", "apply_rotary", "available_backends", "flash_attention", "rms_norm",
-    "rotary_tables", "swiglu", "use_backend", "__version__",
+    "add_rms_norm", "apply_rotary", "available_backends", "flash_attention",
+    "flash_attention_varlen", "flash_attention_with_kvcache", "rms_norm", "rotary_tables",
+    "swiglu", "use_backend", "__version__",
 ]

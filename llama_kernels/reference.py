@@ -4,7 +4,8 @@ Each forward takes ``upcast``: with ``upcast=True`` (the default) all math is do
 the result is cast back to the input dtype once, which is the contract of every backend; with
 ``upcast=False`` the math runs in the input dtype, the way naive eager code would. Tests measure
 a kernel's error against the fp32 result and allow about twice the error of the
-``upcast=False`` eager result (STYLE.md rule 8).
+``upcast=False`` eager result: a kernel in dtype T may be about twice as wrong as plain eager
+PyTorch in T, never more (``llama_kernels.testing`` holds the rule).
 
 The explicit backward functions are the "torch" backend's backward; tests prove each one
 against ``torch.autograd`` applied to the forward.
@@ -192,6 +193,11 @@ def causal_mask(seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
     return j <= i + (seqlen_k - seqlen_q)
 
 
+def _blind_rows(seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
+    """Boolean ``(Sq, 1)``: the causal rows that see no key (the first Sq - Sk when Sq > Sk)."""
+    return (torch.arange(seqlen_q, device=device) < seqlen_q - seqlen_k)[:, None]
+
+
 def _repeat_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, S, Hkv, D) -> (B, S, Hkv * n_rep, D), as ``repeat_kv`` in Meta's code."""
     if n_rep == 1:
@@ -226,6 +232,8 @@ def attention_with_lse(q, k, v, *, causal: bool = True, softmax_scale: float | N
     scores = _scores(q, k, causal, softmax_scale, ct)
     lse = torch.logsumexp(scores.float(), dim=-1)  # (B, Hq, Sq)
     probs = torch.softmax(scores, dim=-1)
+    if causal and q.shape[1] > k.shape[1]:  # the first Sq - Sk rows see no key: output 0
+        probs = probs.masked_fill(_blind_rows(q.shape[1], k.shape[1], q.device), 0.0)
     vc = _repeat_kv(v, q.shape[2] // v.shape[2]).to(ct).transpose(1, 2)
     out = (probs @ vc).transpose(1, 2)  # (B, Sq, Hq, D)
     return out.to(q.dtype), lse
@@ -239,6 +247,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = True,
     n_rep = q.shape[2] // k.shape[2]
     scores = _scores(q, k, causal, softmax_scale, torch.float32)
     probs = torch.exp(scores - lse.float().unsqueeze(-1))  # (B, Hq, Sq, Sk)
+    if causal and q.shape[1] > k.shape[1]:  # rows that see no key (lse -inf) get no gradient
+        probs = probs.masked_fill(_blind_rows(q.shape[1], k.shape[1], q.device), 0.0)
     do = dout.float().transpose(1, 2)  # (B, Hq, Sq, D)
     o = out.float().transpose(1, 2)
     qf = q.float().transpose(1, 2)
@@ -259,6 +269,114 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = True,
             group_sum(dv).to(v.dtype))
 
 
+# --------------------------------------------------------------------------------------------
+# Packed sequences (flash-attn's varlen layout): q (total_q, Hq, D), k/v (total_k, Hkv, D);
+# sequence b is rows cu_seqlens[b]:cu_seqlens[b+1] and attends only to itself, causal
+# bottom-right per sequence. lse (Hq, total_q). A query that sees no key (an empty key
+# sequence, or causal with more queries than keys) outputs 0 with lse -inf.
+# --------------------------------------------------------------------------------------------
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    """(q rows, k rows) slice pairs, one per sequence."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+
+
+def attention_varlen_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True,
+                              softmax_scale: float | None = None, upcast: bool = True):
+    """Each packed sequence through ``attention_with_lse``; ``(out, lse)``."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+    for rows_q, rows_k in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if rows_q.stop == rows_q.start or rows_k.stop == rows_k.start:
+            continue
+        o, lse_b = attention_with_lse(q[None, rows_q], k[None, rows_k], v[None, rows_k],
+                                      causal=causal, softmax_scale=softmax_scale,
+                                      upcast=upcast)
+        out[rows_q], lse[:, rows_q] = o[0], lse_b[0]
+    return out, lse
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True,
+                     softmax_scale: float | None = None, upcast: bool = True) -> torch.Tensor:
+    return attention_varlen_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                     softmax_scale=softmax_scale, upcast=upcast)[0]
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
+                              causal: bool = True, softmax_scale: float | None = None):
+    """``(dq, dk, dv)`` of the packed attention, each sequence through ``attention_backward``."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rows_q, rows_k in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if rows_q.stop == rows_q.start or rows_k.stop == rows_k.start:
+            continue
+        g = attention_backward(dout[None, rows_q], q[None, rows_q], k[None, rows_k],
+                               v[None, rows_k], out[None, rows_q], lse[None, :, rows_q],
+                               causal=causal, softmax_scale=softmax_scale)
+        dq[rows_q], dk[rows_k], dv[rows_k] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# Attention against a KV cache (inference). Caches (B, S_cache, Hkv, D), or paged
+# (num_blocks, block_size, Hkv, D) with block_table (B, max_blocks): token t of sequence b is row
+# t % block_size of block block_table[b, t // block_size]. New k, v (B, S_new, Hkv, D) are
+# written at cache_seqlens[b] + i (rotated first when tables are given); q is rotated at the
+# same positions; attention covers cache_seqlens[b] + S_new keys, causal bottom-right.
+# --------------------------------------------------------------------------------------------
+
+
+def _cache_rows(b: int, n: int, block_table, block_size: int):
+    """(block index or b, row) of tokens 0..n-1 of sequence b."""
+    t = torch.arange(n, device=block_table.device if block_table is not None else None)
+    if block_table is None:
+        return torch.full_like(t, b), t
+    return block_table[b, t // block_size].long(), t % block_size
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *,
+                           block_table=None, rotary_cos=None, rotary_sin=None,
+                           rotary_interleaved: bool = False, causal: bool = True,
+                           softmax_scale: float | None = None, upcast: bool = True):
+    """Writes the new k, v into the caches (in place) and returns the attention ``(B, Sq, Hq,
+    D)``: each sequence's cached plus new keys, gathered, then ``attention_with_lse``."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    batch, seqlen_q = q.shape[:2]
+    s_new = 0 if k is None else k.shape[1]
+    block_size = k_cache.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        start = int(cache_seqlens[b])
+        qb = q[b:b + 1]
+        if rotary_cos is not None:
+            pos_q = torch.arange(start, start + seqlen_q, device=q.device)[None]
+            qb = apply_rotary(qb, rotary_cos, rotary_sin, interleaved=rotary_interleaved,
+                              positions=pos_q)
+        if s_new:
+            kb, vb = k[b:b + 1], v[b:b + 1]
+            if rotary_cos is not None:
+                pos_k = torch.arange(start, start + s_new, device=q.device)[None]
+                kb = apply_rotary(kb, rotary_cos, rotary_sin, interleaved=rotary_interleaved,
+                                  positions=pos_k)
+            blocks, rows = _cache_rows(b, start + s_new, block_table, block_size)
+            k_cache[blocks[start:], rows[start:]] = kb[0].to(k_cache.dtype)
+            v_cache[blocks[start:], rows[start:]] = vb[0].to(v_cache.dtype)
+        n_keys = start + s_new
+        if n_keys == 0:
+            continue
+        blocks, rows = _cache_rows(b, n_keys, block_table, block_size)
+        keys, values = k_cache[blocks, rows][None], v_cache[blocks, rows][None]
+        out[b] = attention_with_lse(qb, keys, values, causal=causal,
+                                    softmax_scale=softmax_scale, upcast=upcast)[0][0]
+    return out
+
+
 def attention_flops(batch, seqlen_q, seqlen_k, heads, head_dim, *, causal: bool,
                     backward: bool = False) -> float:
     """Matmul FLOPs of attention; causal counts only the visible half (as flash-attn)."""
@@ -272,5 +390,7 @@ def attention_flops(batch, seqlen_q, seqlen_k, heads, head_dim, *, causal: bool,
 __all__ = [
     "rms_norm", "rms_norm_rstd", "add_rms_norm", "rms_norm_backward", "swiglu",
     "swiglu_backward", "rotary_tables", "apply_rotary", "rotary_table_grads", "causal_mask",
-    "attention", "attention_with_lse", "attention_backward", "attention_flops",
+    "attention", "attention_with_lse", "attention_backward", "attention_varlen",
+    "attention_varlen_with_lse", "attention_varlen_backward", "attention_with_kvcache",
+    "attention_flops",
 ]
