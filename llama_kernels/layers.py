@@ -18,10 +18,13 @@ fused with the previous block's last add (attention_norm; a plain norm in the fi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from llama_kernels.ops import add_rms_norm, apply_rotary, flash_attention, rms_norm, swiglu
+from llama_kernels.ops import (add_rms_norm, apply_rotary, flash_attention, flash_attention_varlen,
+                               flash_attention_with_kvcache, rms_norm, swiglu)
 
 
 def ffn_hidden_dim(hidden_dim: int, multiple_of: int,
@@ -82,6 +85,35 @@ class FeedForward(nn.Module):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
+@dataclass
+class RaggedBatch:
+    """Sequences of different lengths sharing one KV cache, as ``Transformer.generate`` runs them.
+
+    ``cache_seqlens`` (B,) int32 on the model's device: the tokens each sequence has cached.
+    Prefill (``cu_seqlens`` given): the prompts packed into one row of tokens (1, T),
+    ``cu_seqlens`` (B + 1,) int32 their boundaries, ``max_seqlen`` the longest prompt,
+    ``positions`` (1, T) each token's position in its own sequence and ``seq_ids`` (T,) its
+    sequence; the cache starts empty. Decode (``cu_seqlens`` None): tokens (B, S_new), the new
+    tokens of sequence b at positions ``cache_seqlens[b] + i``.
+    """
+    cache_seqlens: Tensor
+    cu_seqlens: Tensor | None = None
+    max_seqlen: int = 0
+    positions: Tensor | None = None
+    seq_ids: Tensor | None = None
+
+    @classmethod
+    def prefill(cls, lengths: list[int], device: torch.device) -> RaggedBatch:
+        """The layout of prompts of ``lengths`` tokens packed end to end."""
+        sizes = torch.tensor(lengths, device=device)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+        cu[1:] = sizes.cumsum(0)
+        seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)
+        positions = torch.arange(int(sum(lengths)), device=device) - cu[:-1].long()[seq_ids]
+        return cls(torch.zeros(len(lengths), dtype=torch.int32, device=device), cu,
+                   max(lengths), positions[None], seq_ids)
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary embedding, grouped-query heads and an optional KV cache.
 
@@ -127,7 +159,7 @@ class Attention(nn.Module):
         self.cache_k = self.cache_v = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int = 0, *,
-                use_cache: bool = True) -> Tensor:
+                use_cache: bool = True, batch: RaggedBatch | None = None) -> Tensor:
         """``x`` (B, S, dim) at positions ``start_pos .. start_pos + S - 1``; ``cos``/``sin``
         are the fp32 rotary rows of those positions, ``(S, head_dim // 2)``.
 
@@ -136,12 +168,20 @@ class Attention(nn.Module):
         mask of ``flash_attention`` is bottom-right aligned, so prefill and one-token decoding
         are the same call. The cache stores detached keys and values: with autograd on, the
         gradient reaches this call's keys and values, not those of earlier calls.
+
+        With a ``RaggedBatch`` (sequences of different lengths, see its docstring), ``cos`` and
+        ``sin`` are the whole tables and ``start_pos`` is unused: each token is rotated at its
+        own sequence's position.
         """
-        batch, seqlen, _ = x.shape
+        n_rows, seqlen, _ = x.shape
         # -1: the heads of this rank (all of them unless tensor parallel splits them)
-        q = self.wq(x).view(batch, seqlen, -1, self.head_dim)  # (B, S, Hq, D)
-        k = self.wk(x).view(batch, seqlen, -1, self.head_dim)  # (B, S, Hkv, D)
-        v = self.wv(x).view(batch, seqlen, -1, self.head_dim)  # (B, S, Hkv, D)
+        q = self.wq(x).view(n_rows, seqlen, -1, self.head_dim)  # (B, S, Hq, D)
+        k = self.wk(x).view(n_rows, seqlen, -1, self.head_dim)  # (B, S, Hkv, D)
+        v = self.wv(x).view(n_rows, seqlen, -1, self.head_dim)  # (B, S, Hkv, D)
+        if batch is not None:
+            out = self._ragged(q, k, v, cos, sin, batch)
+            return self.wo(out.reshape(n_rows, seqlen, -1))
+        batch = n_rows
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
         if use_cache and self.cache_k is not None:
@@ -177,6 +217,29 @@ class Attention(nn.Module):
         out = flash_attention(q, k, v, causal=True)  # (B, S, Hq, D)
         return self.wo(out.reshape(batch, seqlen, -1))  # (B, S, Hq * D) -> (B, S, dim)
 
+    def _ragged(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                batch: RaggedBatch) -> Tensor:
+        """Attention of a ``RaggedBatch`` through the cache: a packed prefill writes each
+        prompt's keys at rows 0.. of its own sequence and attends within it; a decode step
+        appends, rotates and attends in one ``flash_attention_with_kvcache`` call."""
+        if self.cache_k is None:
+            raise ValueError("batch: a ragged batch runs through the KV cache; call setup_cache "
+                             "first")
+        dtype = self.cache_k.dtype
+        if batch.cu_seqlens is not None:  # q, k, v (1, T, H, D): the prompts end to end
+            q = apply_rotary(q, cos, sin, interleaved=True, positions=batch.positions)
+            k = apply_rotary(k, cos, sin, interleaved=True, positions=batch.positions)
+            self.cache_k[batch.seq_ids, batch.positions[0]] = k[0].detach().to(dtype)
+            self.cache_v[batch.seq_ids, batch.positions[0]] = v[0].detach().to(dtype)
+            out = flash_attention_varlen(q[0], k[0], v[0], batch.cu_seqlens, batch.cu_seqlens,
+                                         batch.max_seqlen, batch.max_seqlen)  # (T, Hq, D)
+            return out[None]
+        rows = q.shape[0]
+        out = flash_attention_with_kvcache(
+            q.to(dtype), self.cache_k[:rows], self.cache_v[:rows], batch.cache_seqlens,
+            k.to(dtype), v.to(dtype), rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True)
+        return out.to(q.dtype)  # (B, S_new, Hq, D)
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h))``.
@@ -199,12 +262,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, norm_eps)
 
     def forward(self, delta: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
-                start_pos: int = 0, *, use_cache: bool = True) -> tuple[Tensor, Tensor]:
+                start_pos: int = 0, *, use_cache: bool = True,
+                batch: RaggedBatch | None = None) -> tuple[Tensor, Tensor]:
         if residual is None:
             x, h = self.attention_norm(delta), delta
         else:
             x, h = self.attention_norm(delta, residual)  # h = delta + residual, x = norm(h)
-        a = self.attention(x, cos, sin, start_pos, use_cache=use_cache)
+        a = self.attention(x, cos, sin, start_pos, use_cache=use_cache, batch=batch)
         x, h = self.ffn_norm(a, h)  # h = h + a, x = norm(h)
         return self.feed_forward(x), h
 
@@ -213,4 +277,5 @@ class TransformerBlock(nn.Module):
         return delta + residual
 
 
-__all__ = ["Attention", "FeedForward", "RMSNorm", "TransformerBlock", "ffn_hidden_dim"]
+__all__ = ["Attention", "FeedForward", "RMSNorm", "RaggedBatch", "TransformerBlock",
+           "ffn_hidden_dim"]

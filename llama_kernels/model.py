@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from llama_kernels import checkpoint as ckpt
-from llama_kernels.layers import RMSNorm, TransformerBlock, ffn_hidden_dim
+from llama_kernels.layers import RaggedBatch, RMSNorm, TransformerBlock, ffn_hidden_dim
 from llama_kernels.ops import rotary_tables
 
 
@@ -153,77 +153,140 @@ class Transformer(nn.Module):
 
     # ---- forward and generation ------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, start_pos: int = 0, *, use_cache: bool = True) -> Tensor:
+    def forward(self, tokens: Tensor, start_pos: int = 0, *, use_cache: bool = True,
+                batch: RaggedBatch | None = None) -> Tensor:
         """``tokens`` (B, S) int at positions ``start_pos ..`` -> fp32 logits (B, S, vocab).
 
         With a cache set up (``setup_cache``) and ``use_cache``, the new keys and values are
         cached and the tokens attend to the whole cached prefix (prefill with ``start_pos=0``,
         then decode one token at a time). Without one, ``start_pos`` must be 0.
+
+        With a ``RaggedBatch`` (sequences of different lengths in one cache; ``start_pos``
+        unused): a packed prefill takes ``tokens`` (1, T) and returns the logits of each
+        sequence's last token, (B, 1, vocab); a decode step takes (B, S_new) and returns
+        (B, S_new, vocab).
         """
-        batch, seqlen = tokens.shape
-        if start_pos + seqlen > self.args.max_seq_len:
-            raise ValueError(f"tokens: positions up to {start_pos + seqlen} exceed max_seq_len "
-                             f"{self.args.max_seq_len}")
-        cos = self.rope_cos[start_pos:start_pos + seqlen]  # (S, head_dim / 2)
-        sin = self.rope_sin[start_pos:start_pos + seqlen]
+        n_rows, seqlen = tokens.shape
+        if batch is not None:
+            cos, sin = self.rope_cos, self.rope_sin  # each token picks its own row
+        else:
+            if start_pos + seqlen > self.args.max_seq_len:
+                raise ValueError(f"tokens: positions up to {start_pos + seqlen} exceed "
+                                 f"max_seq_len {self.args.max_seq_len}")
+            cos = self.rope_cos[start_pos:start_pos + seqlen]  # (S, head_dim / 2)
+            sin = self.rope_sin[start_pos:start_pos + seqlen]
         delta, residual = self.tok_embeddings(tokens), None  # (B, S, dim)
         recompute = self.args.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
                 delta, residual = checkpoint(layer, delta, residual, cos, sin, start_pos,
-                                             use_cache=use_cache, use_reentrant=False)
+                                             use_cache=use_cache, batch=batch,
+                                             use_reentrant=False)
             else:
-                delta, residual = layer(delta, residual, cos, sin, start_pos, use_cache=use_cache)
+                delta, residual = layer(delta, residual, cos, sin, start_pos, use_cache=use_cache,
+                                        batch=batch)
+        if batch is not None and batch.cu_seqlens is not None:  # each sequence's last token
+            last = batch.cu_seqlens[1:].long() - 1
+            delta = delta[0, last][:, None]  # (B, 1, dim)
+            residual = None if residual is None else residual[0, last][:, None]
         h = self.norm(delta) if residual is None else self.norm(delta, residual)[0]
         return self.output(h).float()  # (B, S, vocab)
 
     @torch.no_grad()
-    def generate(self, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, *, eos_id: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> list[int]:
+    def generate(self, prompt_tokens: list[int] | list[list[int]], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, *, eos_id: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 check_every: int = 8) -> list[int] | list[list[int]]:
         """The generated token ids (without the prompt, without the stopping eos).
 
-        Greedy at ``temperature=0``, else nucleus sampling of the ``top_p`` mass. The prompt is
-        prefilled in one flash-attention call, then each token is decoded alone against the KV
-        cache (a temporary cache is set up when none is; ``use_cache=False`` reruns the whole
-        sequence every step instead, the slow reference). Stops at ``eos_id`` (default: the
-        model's ``eos_id``) when there is one.
+        ``prompt_tokens`` is one prompt (a list of ids: returns a list of ids) or several of any
+        lengths (a list of lists: returns a list of lists, each sequence stopping at its own
+        eos). Greedy at ``temperature=0``, else nucleus sampling of the ``top_p`` mass, drawn on
+        the device (``generator`` seeds the draws). The prompts are prefilled in one packed
+        ``flash_attention_varlen`` call, then every sequence decodes one token a step against
+        the KV cache through ``flash_attention_with_kvcache`` (a temporary cache is set up when
+        none is). The host waits on the device only every ``check_every`` steps, to see whether
+        every sequence has stopped; ``use_cache=False`` reruns the whole sequence every step
+        instead, one prompt at a time (the slow reference). Stops at ``eos_id`` (default: the
+        model's ``eos_id``) when there is one. Greedy results equal those of generating each
+        prompt alone.
         """
-        if not prompt_tokens:
-            raise ValueError("prompt_tokens: expected at least one token")
+        single = not prompt_tokens or not isinstance(prompt_tokens[0], (list, tuple))
+        prompts = [list(prompt_tokens)] if single else [list(p) for p in prompt_tokens]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompt_tokens: expected at least one token in every prompt")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature {temperature} / top_p {top_p}: expected "
                              "temperature >= 0 and 0 < top_p <= 1")
-        total = len(prompt_tokens) + max_new_tokens
-        if total > self.args.max_seq_len:
-            raise ValueError(f"prompt_tokens: {len(prompt_tokens)} + max_new_tokens "
-                             f"{max_new_tokens} exceed max_seq_len {self.args.max_seq_len}")
+        if max_new_tokens < 0 or check_every < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens} / check_every {check_every}: "
+                             "expected max_new_tokens >= 0 and check_every >= 1")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(f"prompt_tokens: {longest} + max_new_tokens {max_new_tokens} exceed "
+                             f"max_seq_len {self.args.max_seq_len}")
         eos_id = self.eos_id if eos_id is None else eos_id
+        if not use_cache:
+            out = [self._generate_uncached(p, max_new_tokens, temperature, top_p, eos_id,
+                                           generator) for p in prompts]
+        else:
+            out = self._generate_cached(prompts, max_new_tokens, temperature, top_p, eos_id,
+                                        generator, check_every)
+        return out[0] if single else out
+
+    def _generate_cached(self, prompts, max_new_tokens, temperature, top_p, eos_id, generator,
+                         check_every) -> list[list[int]]:
         device = self.tok_embeddings.weight.device
-        seq = torch.tensor([prompt_tokens], dtype=torch.long, device=device)  # (1, P)
-        own_cache = use_cache and not self.has_cache
+        n_seqs, capacity = len(prompts), max(len(p) for p in prompts) + max_new_tokens
+        own_cache = not self.has_cache
         if own_cache:
-            self.setup_cache(1, total)
+            self.setup_cache(n_seqs, capacity)
+        else:
+            have = self.layers[0].attention.cache_k.shape
+            if have[0] < n_seqs or have[1] < capacity:
+                raise ValueError(f"prompt_tokens: {n_seqs} sequences of up to {capacity} tokens "
+                                 f"do not fit the KV cache set up ({have[0]} x {have[1]})")
         try:
-            logits = self(seq, 0, use_cache=use_cache)[0, -1]  # (vocab,)
-            generated: list[int] = []
+            if max_new_tokens == 0:
+                return [[] for _ in prompts]
+            batch = RaggedBatch.prefill([len(p) for p in prompts], device)
+            packed = torch.tensor([t for p in prompts for t in p], device=device)[None]  # (1, T)
+            logits = self(packed, batch=batch)[:, -1]  # (B, vocab)
+            batch = RaggedBatch(batch.cu_seqlens.diff().to(torch.int32))
+            tokens = torch.empty(n_seqs, max_new_tokens, dtype=torch.long, device=device)
+            stopped = torch.zeros(n_seqs, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_p, generator)
-                if eos_id is not None and token == eos_id:
+                token = sample_tokens(logits, temperature, top_p, generator)  # (B,)
+                tokens[:, step] = token
+                if eos_id is not None:
+                    stopped |= token == eos_id
+                if step == max_new_tokens - 1 or (
+                        eos_id is not None and step % check_every == check_every - 1
+                        and bool(stopped.all())):
                     break
-                generated.append(token)
-                if step == max_new_tokens - 1:
-                    break
-                nxt = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
-                if use_cache:
-                    logits = self(nxt, len(prompt_tokens) + step)[0, -1]
-                else:
-                    seq = torch.cat([seq, nxt], dim=1)  # (1, P + step + 1)
-                    logits = self(seq, 0, use_cache=False)[0, -1]
-            return generated
+                logits = self(token[:, None], batch=batch)[:, -1]
+                batch.cache_seqlens += 1
+            result = tokens[:, :step + 1].tolist()
         finally:
             if own_cache:
                 self.clear_cache()
+        if eos_id is not None:
+            result = [seq[:seq.index(eos_id)] if eos_id in seq else seq for seq in result]
+        return result
+
+    def _generate_uncached(self, prompt, max_new_tokens, temperature, top_p, eos_id,
+                           generator) -> list[int]:
+        device = self.tok_embeddings.weight.device
+        seq = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, P)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self(seq, 0, use_cache=False)[:, -1]  # (1, vocab)
+            token = int(sample_tokens(logits, temperature, top_p, generator)[0])
+            if eos_id is not None and token == eos_id:
+                break
+            generated.append(token)
+            seq = torch.cat([seq, seq.new_tensor([[token]])], dim=1)  # (1, P + steps)
+        return generated
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -280,22 +343,32 @@ class Transformer(nn.Module):
         return model
 
 
-def sample(logits: Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None = None) -> int:
-    """Argmax at ``temperature=0``, else a draw from the smallest set of tokens holding
-    ``top_p`` of the probability (Meta's ``sample_top_p``)."""
+def sample_tokens(logits: Tensor, temperature: float, top_p: float,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of ``logits`` (B, vocab), on the device, without a host sync: argmax
+    at ``temperature=0``, else a draw from the smallest set of tokens holding ``top_p`` of the
+    probability (Meta's ``sample_top_p``). The draw is ``argmax(p / E)`` with E ~ Exp(1) per
+    token, which picks token i with probability p_i (as ``torch.multinomial`` would) in plain
+    tensor ops; ``generator`` (on the logits' device) makes it reproducible."""
     if temperature == 0:
-        return int(torch.argmax(logits, dim=-1))
+        return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs_sorted, order = torch.sort(probs, descending=True)
+    probs_sorted, order = torch.sort(probs, dim=-1, descending=True)
     outside = probs_sorted.cumsum(-1) - probs_sorted > top_p  # mass before the token > p
     probs_sorted = probs_sorted.masked_fill(outside, 0.0)
-    choice = torch.multinomial(probs_sorted / probs_sorted.sum(), 1, generator=generator)
-    return int(order[choice])
+    noise = torch.empty_like(probs_sorted).exponential_(1.0, generator=generator)
+    choice = torch.argmax(probs_sorted / noise, dim=-1, keepdim=True)
+    return order.gather(-1, choice)[..., 0]
+
+
+def sample(logits: Tensor, temperature: float, top_p: float,
+           generator: torch.Generator | None = None) -> int:
+    """``sample_tokens`` of one row of logits (vocab,), as a Python int."""
+    return int(sample_tokens(logits[None], temperature, top_p, generator)[0])
 
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ModelArgs", "PRESETS", "Transformer", "num_params", "sample"]
+__all__ = ["ModelArgs", "PRESETS", "Transformer", "num_params", "sample", "sample_tokens"]

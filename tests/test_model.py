@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from llama_kernels import available_backends, use_backend
 from llama_kernels import rotary_tables
 from llama_kernels.layers import FeedForward, TransformerBlock, ffn_hidden_dim
-from llama_kernels.model import ModelArgs, Transformer, num_params
+from llama_kernels.model import ModelArgs, Transformer, num_params, sample_tokens
 from llama_kernels.train import cosine_lr, main, synthetic_batches, train
 
 # (parameters, FFN width) of the paper's models; Table 2 prints the counts truncated to 0.1B.
@@ -224,13 +224,47 @@ def test_every_layer_computes_through_the_chosen_backend():
         model(tokens)  # CPU tensors: the choice reaches the layers and fails there, loudly
 
 
-def test_decoding_steps_call_flash_attention_with_one_query():
+def test_generation_prefills_packed_and_decodes_against_the_cache():
+    """Prompts are prefilled in one packed call per layer, then each step is one cached call
+    per layer with one query per sequence."""
     model = tiny()
     with OpRecorder() as rec:
-        model.generate(torch.randint(0, 256, (6,)).tolist(), 3)
-    q_shapes = [shape for name, _, shape in rec.calls if name == "flash_attention_fwd"]
+        model.generate([torch.randint(0, 256, (n,)).tolist() for n in (6, 2)], 3)
+    attention = [(name, shape) for name, _, shape in rec.calls if "attention" in name]
     n_layers = model.args.n_layers
-    assert [s[1] for s in q_shapes] == [6] * n_layers + [1] * (2 * n_layers)
+    assert attention == ([("flash_attention_varlen_fwd", (8, 4, 16))] * n_layers
+                         + [("flash_attention_with_kvcache", (2, 1, 4, 16))] * (2 * n_layers))
+
+
+def test_batched_ragged_generation_equals_each_prompt_alone():
+    model = tiny()
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (7, 1, 12, 3)]
+    alone = [model.generate(p, 10) for p in prompts]
+    assert model.generate(prompts, 10) == alone
+    assert model.generate(prompts, 10, use_cache=False) == alone
+    # Each sequence stops at its own eos: choose one that the third sequence emits at step 4.
+    eos = alone[2][4]
+    cut = [seq[:seq.index(eos)] if eos in seq else seq for seq in alone]
+    assert model.generate(prompts, 10, eos_id=eos, check_every=1) == cut
+    assert model.generate(prompts, 10, eos_id=eos, check_every=3) == cut
+    assert not model.has_cache
+
+
+def test_sampling_on_the_device_follows_the_distribution():
+    """sample_tokens draws token i with probability p_i (top_p 1), never outside the nucleus,
+    reproducibly for a seeded generator, and is argmax at temperature 0."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 5.0]])
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    draws = torch.stack([sample_tokens(logits, 1.0, 1.0, g) for _ in range(4000)])  # (N, 2)
+    p = torch.softmax(logits, -1)
+    freq = torch.stack([(draws == i).float().mean(0) for i in range(4)], -1)  # (2, 4)
+    # 4000 draws: a frequency's standard error is at most 0.008; 5 of them is far out
+    assert (freq - p).abs().max() < 0.04, (freq, p)
+    nucleus = torch.stack([sample_tokens(logits, 1.0, 0.7, g) for _ in range(500)])
+    assert set(nucleus[:, 0].tolist()) <= {0, 1} and set(nucleus[:, 1].tolist()) == {3}
+    seeded = [sample_tokens(logits, 0.8, 0.9, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])
+    assert sample_tokens(logits, 0.0, 1.0).tolist() == [0, 3]
 
 
 def test_compiled_forward_matches_eager():
@@ -284,7 +318,7 @@ def test_training_cli(capsys):
 def test_model_on_kernel_backends(backend):
     """Forward, cached decoding (a batch of 2 reads strided cache slices) and backward with every
     op on the kernel backend, against the same model on the torch backend. On a GPU in bf16,
-    the error may be at most about twice the torch backend's own bf16 error (STYLE.md rule 8);
+    the error may be at most about twice the torch backend's own bf16 error (the tolerance rule);
     without one, the Triton kernels run in fp32 under the interpreter."""
     why_not = available_backends()[backend]
     if why_not:
