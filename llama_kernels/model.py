@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -196,7 +197,8 @@ class Transformer(nn.Module):
     def generate(self, prompt_tokens: list[int] | list[list[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, *, eos_id: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 check_every: int = 8) -> list[int] | list[list[int]]:
+                 check_every: int = 8,
+                 on_step: Callable[[int], None] | None = None) -> list[int] | list[list[int]]:
         """The generated token ids (without the prompt, without the stopping eos).
 
         ``prompt_tokens`` is one prompt (a list of ids: returns a list of ids) or several of any
@@ -209,7 +211,7 @@ class Transformer(nn.Module):
         every sequence has stopped; ``use_cache=False`` reruns the whole sequence every step
         instead, one prompt at a time (the slow reference). Stops at ``eos_id`` (default: the
         model's ``eos_id``) when there is one. Greedy results equal those of generating each
-        prompt alone.
+        prompt alone. ``on_step(i)`` is called after decoding step i (a progress bar, say).
         """
         single = not prompt_tokens or not isinstance(prompt_tokens[0], (list, tuple))
         prompts = [list(prompt_tokens)] if single else [list(p) for p in prompt_tokens]
@@ -231,11 +233,11 @@ class Transformer(nn.Module):
                                            generator) for p in prompts]
         else:
             out = self._generate_cached(prompts, max_new_tokens, temperature, top_p, eos_id,
-                                        generator, check_every)
+                                        generator, check_every, on_step)
         return out[0] if single else out
 
     def _generate_cached(self, prompts, max_new_tokens, temperature, top_p, eos_id, generator,
-                         check_every) -> list[list[int]]:
+                         check_every, on_step) -> list[list[int]]:
         device = self.tok_embeddings.weight.device
         n_seqs, capacity = len(prompts), max(len(p) for p in prompts) + max_new_tokens
         own_cache = not self.has_cache
@@ -260,6 +262,8 @@ class Transformer(nn.Module):
                 tokens[:, step] = token
                 if eos_id is not None:
                     stopped |= token == eos_id
+                if on_step is not None:
+                    on_step(step)
                 if step == max_new_tokens - 1 or (
                         eos_id is not None and step % check_every == check_every - 1
                         and bool(stopped.all())):
