@@ -32,7 +32,6 @@ settings.register_profile("ci", max_examples=40 if _GPU else 6, **_common)
 settings.register_profile("long", max_examples=2000 if _GPU else 200, **_common)
 
 
-
 def _chosen() -> str:
     current = settings.get_current_profile_name()
     if current in PROFILES:  # --hypothesis-profile=ci|long, when registered early enough

@@ -12,8 +12,11 @@ extremes"), on every backend that runs here.
 - Fully masked rows cannot occur: causal attention with Sq > Sk is refused (ValueError).
 - Large logits (scores ~1e4) stay finite and correct; fp16 inputs whose squares overflow fp16
   normalize correctly (fp32 accumulation); swiglu at |gate| 80 .. 1e4 gives no NaN.
-- Offsets past 2**31 elements: GPU only (test at the end; tests/test_triton_kernels.py has
-  the rms_norm / swiglu forward).
+- Offsets past 2**31 elements: GPU only (tests/test_triton_kernels.py has the rms_norm /
+  swiglu forward).
+- The tolerance rule itself (llama_kernels.testing, whose docstring states it) can fail: an
+  output three times as wrong as eager fails, an all-zero gradient fails, an overflowing
+  baseline never widens the bound, and attention's terms stay near eager's own error.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels import reference
-from helpers import DEVICE, GPU, assert_close, backend_params
+from llama_kernels.testing import (ToleranceTerms, assert_close, attention_terms,
+                                   attention_tolerance_terms, check_fwd_bwd, compare,
+                                   compare_fwd_bwd, max_err, rounding_floor)
+from helpers import DEVICE, GPU, backend_params
 
 BACKENDS = backend_params()
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -345,3 +351,193 @@ def test_attention_past_2_pow_31_and_65535_heads():
             assert torch.isfinite(g[-1:]).all()
         del q, k, v, out, grads
         torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ the rule itself
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=DTYPE_IDS.get)
+def test_rule_allows_twice_eager_error_not_three_times(dtype):
+    """Where eager's error dominates the floor: an output 1.9x as far from the answer as eager
+    passes, 3x fails. Every value below is exact in the dtype (bf16: steps of 2**-7 at 1)."""
+    step = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-2
+    wrong = 8 if dtype == torch.bfloat16 else 1  # eager's error, in steps
+    ref32 = torch.tensor([1.0, 1.5, 0.25])
+    eager = (ref32 + torch.tensor([wrong * step, 0.0, 0.0])).to(dtype)
+    near = (ref32 + torch.tensor([0.0, 1.9 * wrong * step, 0.0])).to(dtype)
+    far = (ref32 + torch.tensor([0.0, 0.0, -3 * wrong * step])).to(dtype)
+    assert max_err(near, ref32) <= 2 * max_err(eager, ref32)
+    assert_close(near, ref32, eager)
+    result = compare(far, ref32, eager)
+    assert not result.ok and result.ratio > 1 and "max error" in result.problem
+    with pytest.raises(AssertionError, match="far: max error"):
+        assert_close(far, ref32, eager, name="far")
+
+
+def test_rule_floor_where_eager_is_exact():
+    """In fp32 eager is the reference (error 0): the floor, 1e-5 times max(1, max |ref|), is
+    what a kernel may be off by; an absolute term adds to it."""
+    ref32 = torch.tensor([3.0, -1.0, 0.5])
+    floor = rounding_floor(torch.float32, 3.0)
+    assert floor == pytest.approx(3e-5)
+    assert_close(ref32 + torch.tensor([0.0, 0.9 * floor, 0.0]), ref32, ref32)
+    off = ref32 + torch.tensor([0.0, 1.5 * floor, 0.0])
+    with pytest.raises(AssertionError):
+        assert_close(off, ref32, ref32)
+    assert_close(off, ref32, ref32, atol=floor)
+    assert rounding_floor(torch.float16, 0.25) == torch.finfo(torch.float16).eps
+
+
+def test_assert_close_overflow_rule():
+    """Where the exact answer overflows the dtype, its inf passes and nothing else far from it
+    does; an inf where the answer is finite never passes."""
+    ref32 = torch.tensor([1.0, 7e4, -7e4])
+    good = ref32.to(torch.float16)  # [1, inf, -inf]
+    assert_close(good, ref32, good)
+    assert_close(torch.tensor([1.0, 65504.0, -40000.0], dtype=torch.float16), ref32, good)
+    for bad in ([float("inf"), float("inf"), float("-inf")],  # inf where the answer is 1
+                [1.0, 1.0, float("-inf")],  # finite and far where it overflows
+                [1.0, float("-inf"), float("-inf")]):  # the wrong inf
+        with pytest.raises(AssertionError):
+            assert_close(torch.tensor(bad, dtype=torch.float16), ref32, good)
+
+
+def test_non_finite_baseline_fails_instead_of_widening_the_bound():
+    ref32 = torch.tensor([1.0, 2.0])
+    eager = torch.tensor([1.0, float("inf")], dtype=torch.float16)
+    result = compare(ref32.half(), ref32, eager)
+    assert not result.ok and result.ratio == float("inf") and "baseline" in result.problem
+
+
+def _scaled_up_and_down(x, upcast=True):
+    """x * 300 / 300: eager fp16 overflows in x * 300 where |x| > 218, the answer is x."""
+    return (x.float() * 300 / 300).to(x.dtype) if upcast else x * 300 / 300
+
+
+def test_eager_overflow_falls_back_to_the_rounded_answer():
+    """Eager fp16 is inf where the exact answer is not: the baseline of the whole call becomes
+    the answer rounded to fp16 once, which a correct kernel passes and a kernel 1% off fails
+    (the bound stays finite)."""
+    x = (torch.randn(64) * 1000).half()
+    assert not torch.isfinite(_scaled_up_and_down(x, upcast=False)).all()
+    check_fwd_bwd(lambda t: _scaled_up_and_down(t), _scaled_up_and_down, [x])
+    results = compare_fwd_bwd(lambda t: t * 1.01, _scaled_up_and_down, [x])
+    assert [r.name for r in results if not r.ok] == ["output 0", "grad of input 0"]
+
+
+class _ZeroGrad(torch.autograd.Function):
+    """x * c forward, an all-zero gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, c):
+        return x * c
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g), None
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16),
+                         ids=DTYPE_IDS.get)
+def test_all_zero_gradient_fails(dtype):
+    x = torch.randn(100).to(dtype)
+    ref = lambda t, upcast=True: (t.float() * 2).to(t.dtype) if upcast else t * 2  # noqa: E731
+    with pytest.raises(AssertionError, match="grad of input 0"):
+        check_fwd_bwd(lambda t: _ZeroGrad.apply(t, 2.0), ref, [x])
+
+
+def test_overflowing_baseline_does_not_widen_the_bound():
+    """A second gradient baseline that overflows fp16 where the exact gradient does not would
+    make the bound infinite: it is set aside, and an all-zero gradient still fails. With c =
+    30000 the baseline (2 c dy, twice the exact gradient c dy) overflows wherever |dy| > 1.1:
+    somewhere among 256 draws, surely (a baseline that stays finite may widen the bound: that
+    is its job)."""
+    torch.manual_seed(0)
+    c = 30000.0
+    x = torch.randn(256).to(torch.float16)
+    ref = lambda t, upcast=True: (t.float() * c).to(t.dtype) if upcast else t * c  # noqa: E731
+    with pytest.raises(AssertionError, match="grad of input 0"):
+        check_fwd_bwd(lambda t: _ZeroGrad.apply(t, c), ref, [x],
+                      terms=lambda inputs, grad_outs, outs: ToleranceTerms(
+                          grad_baseline=(grad_outs[0] * c * 2.0,)))
+
+
+def _attention_inputs(dtype, b=1, sq=17, sk=33, hq=4, hkv=2, d=64):
+    return (torch.randn(b, sq, hq, d).to(dtype), torch.randn(b, sk, hkv, d).to(dtype),
+            torch.randn(b, sk, hkv, d).to(dtype))
+
+
+def _grads(fn, inputs, dout):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return (out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_attention_saved_output_baseline_is_the_exact_backward(causal):
+    """Given the exact output, the second gradient baseline is the exact backward (autograd
+    through reference.attention in fp64); given an output off by E in one row, dv keeps and
+    that row's dq moves (delta = rowsum(dO * O) reads the output)."""
+    torch.manual_seed(0)
+    q, k, v = _attention_inputs(torch.float32)
+    dout = torch.randn(q.shape)
+    f64 = [t.double() for t in (q, k, v)]
+    exact = _grads(lambda *a: reference.attention(*a, causal=causal), f64, dout.double())
+    terms = attention_tolerance_terms(q, k, v, dout, exact[0].float(), causal=causal)
+    for got, want in zip(terms.grad_baseline, exact[1:]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    moved = exact[0].float().clone()
+    moved[0, 5] += 0.1
+    shifted = attention_tolerance_terms(q, k, v, dout, moved, causal=causal).grad_baseline
+    assert torch.equal(shifted[2], terms.grad_baseline[2])
+    changed = (shifted[0] != terms.grad_baseline[0]).any(-1).any(-1)[0]
+    assert changed.tolist() == [i == 5 for i in range(q.shape[1])]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=DTYPE_IDS.get)
+def test_attention_terms_stay_near_eager_error(dtype):
+    """On ordinary inputs the attention terms are of eager's own error or below, never a blanket
+    tolerance: P's rounding term is at most half an eps of max |v| (P's rows sum to 1) and
+    below twice eager's output error; the cancellation term is far below eager's gradient
+    errors; the saved-output baseline (from eager's own output) is no farther from the answer
+    than eager."""
+    torch.manual_seed(0)
+    q, k, v = _attention_inputs(dtype)
+    dout = torch.randn(q.shape)
+    exact = _grads(reference.attention, [t.float() for t in (q, k, v)], dout)
+    eager = _grads(lambda *a: reference.attention(*a, upcast=False), [q, k, v], dout)
+    terms = attention_tolerance_terms(q, k, v, dout, eager[0])
+    eager_err = [max_err(e, r) for e, r in zip(eager, exact)]
+    eps = torch.finfo(dtype).eps
+    assert terms.out_atol <= 0.5 * eps * v.float().abs().max().item()
+    assert terms.out_atol <= 2 * eager_err[0]
+    assert terms.grad_atol <= 0.1 * min(eager_err[1:])
+    for alt, r, e in zip(terms.grad_baseline, exact[1:], eager_err[1:]):
+        assert max_err(alt.to(dtype), r) <= e
+
+
+def _attention_faults():
+    def zero_dq(q, k, v):
+        return reference.attention(q.detach() + 0 * q, k, v)
+
+    def no_mask(q, k, v):
+        return reference.attention(q, k, v, causal=False)
+
+    def wrong_kv_head(q, k, v):  # query head h reads kv head (h // 2 + 1) % 2
+        return reference.attention(q, k.flip(2), v.flip(2))
+
+    return {"zero_dq": (zero_dq, "grad of input 0"), "no_mask": (no_mask, "output 0"),
+            "wrong_kv_head": (wrong_kv_head, "output 0")}
+
+
+@pytest.mark.parametrize("fault", list(_attention_faults()))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16),
+                         ids=DTYPE_IDS.get)
+def test_attention_terms_reject_wrong_kernels(dtype, fault):
+    """With attention's terms the rule still fails a kernel with no query gradient, without
+    the causal mask, or reading the wrong kv head; a correct one passes."""
+    fn, first = _attention_faults()[fault]
+    inputs = _attention_inputs(dtype)
+    check_fwd_bwd(reference.attention, reference.attention, inputs, terms=attention_terms())
+    results = compare_fwd_bwd(fn, reference.attention, inputs, terms=attention_terms())
+    assert [r.name for r in results if not r.ok][0] == first
