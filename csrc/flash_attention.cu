@@ -1,5 +1,6 @@
-// Host side of the CUDA flash attention (kernels in flash_attention_kernels.cuh): input checks,
-// outputs, launches on the current stream.
+// Host side of the CUDA flash attention: input checks, outputs, launches on the current stream.
+// The kernels and every launch decision are in flash_attention_kernels.cuh and the headers it
+// includes (forward, decode, backward).
 //
 //   flash_attention_fwd_cuda(q, k, v, causal, softmax_scale) -> (out, lse)
 //   flash_attention_bwd_cuda(dout, q, k, v, out, lse, causal, softmax_scale) -> (dq, dk, dv)
@@ -83,7 +84,7 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads_q = q.size(2);
   p.seqlen_k = k.size(1), p.heads_kv = k.size(2);
   p.softmax_scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal;
   return p;
 }
@@ -106,9 +107,9 @@ void allow_dynamic_smem(const void* kernel, size_t smem, int device) {
   done.insert({kernel, smem, device});
 }
 
-// The launch every kernel of flash_attention_kernels.cuh goes through: opt in to more than
-// 48 KiB of dynamic shared memory where the tile needs it, launch, check. The caller holds a
-// guard for the tensors' device.
+// The launch every attention kernel goes through (run_forward / run_backward call it): opt in
+// to more than 48 KiB of dynamic shared memory where the tile needs it, launch, check. The
+// caller holds a guard for the tensors' device.
 auto launcher(cudaStream_t stream, int device) {
   return [stream, device](auto kernel, dim3 grid, dim3 block, size_t smem, const AttnParams& p) {
     if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, device);

@@ -1,6 +1,7 @@
-// extern "C" entry points running csrc/flash_attention_kernels.cuh on the host emulator, for
-// flash_forward / flash_backward in tests/cuda_emulator/__init__.py. The launch decisions are
-// the header's (run_forward / run_backward); this file only fills AttnParams and launches.
+// extern "C" entry points running the attention kernels (csrc/flash_attention_kernels.cuh and
+// the headers it includes) on the host emulator, for flash_forward / flash_backward in
+// tests/cuda_emulator/__init__.py. The launch decisions are the header's (run_forward /
+// run_backward); this file only fills AttnParams and launches.
 #include "emulator.h"
 #include "flash_attention_kernels.cuh"
 
@@ -26,13 +27,19 @@ attn::AttnParams base_params(const int* sizes, float softmax_scale, int causal) 
   p.seqlen_q = sizes[3];
   p.seqlen_k = sizes[4];
   p.softmax_scale = softmax_scale;
-  p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * kLog2e);
   p.causal = causal != 0;
   return p;
 }
 
+// Set by emu_skip_empty_grids: a launch with an empty grid does nothing instead of failing as
+// it would in CUDA, so a test can run the backward on seqlen_q == 0, where only the dK/dV
+// kernel has blocks.
+bool skip_empty_grids = false;
+
 const auto emu_launch = [](auto kernel, dim3 grid, dim3 block, size_t smem_bytes,
                            const attn::AttnParams& p) {
+  if (skip_empty_grids && (grid.x == 0 || grid.y == 0 || grid.z == 0)) return;
   emu::launch(kernel, grid, block, smem_bytes, p);
 };
 
@@ -43,6 +50,7 @@ extern "C" {
 // Global ranges the kernels may cp.async from; call_c drops them when a call returns.
 void emu_register_global(const void* ptr, size_t bytes) { emu::register_global(ptr, bytes); }
 void emu_clear_globals() { emu::clear_globals(); }
+void emu_skip_empty_grids(int skip) { skip_empty_grids = skip != 0; }
 
 // strides: (q, k, v, o) x (batch, row, head), in elements.
 int flash_forward_emu(int dtype, int head_dim, const void* q, const void* k, const void* v,

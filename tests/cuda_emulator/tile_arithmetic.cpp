@@ -1,6 +1,7 @@
-// The tile arithmetic of csrc/flash_attention_kernels.cuh, exported for
-// tests/test_cuda_attention.py to compare with a brute-force walk over every (query, key) pair.
-// These are the very functions the kernels call.
+// The tile arithmetic of csrc/flash_attention_common.cuh and the tiles the launch header
+// csrc/flash_attention_kernels.cuh picks per head dim, exported for tests/test_cuda_attention.py
+// to compare with a brute-force walk over every (query, key) pair. These are the very functions
+// the kernels call.
 #include "emulator.h"
 #include "flash_attention_kernels.cuh"
 

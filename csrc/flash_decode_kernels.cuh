@@ -1,0 +1,244 @@
+// The decode kernels: the forward for a few queries against a long KV cache (decoding,
+// speculative steps), split over the keys ("flash-decoding"), and the merge of the splits.
+//
+// The math. Split s covers keys K_s and gives, per query row, the softmax over its own keys:
+//   lse_s = log sum_{j in K_s} exp(s_ij),  o_s = sum_{j in K_s} exp(s_ij - lse_s) v_j.
+// The splits partition the keys, so with lse = log sum_s exp(lse_s) (taken as
+// M + log sum_s exp(lse_s - M), M = max_s lse_s, so nothing overflows):
+//   o = sum_s exp(lse_s - lse) o_s,
+// the full softmax-weighted sum. The 4 warps of a block merge the same way, in base 2 from their
+// unnormalized accumulators: m = max_w m_w, l = sum_w l_w exp2(m_w - m),
+// o = sum_w o_w exp2(m_w - m) / l. A split (or warp) that sees no key has lse -inf (max -inf)
+// and weight 0; a row no split sees gets o = 0, lse = -inf.
+//
+// Why a separate kernel: the prefill tiling would leave 127 of 128 rows of a block idle and read
+// each kv head once per query head. Here the query heads of one kv group and their queries are
+// packed into the 16 rows of one m16 tile (row r = g * Sq + i: head h_kv * group + g, query i),
+// so K and V are read once per group, and the keys are split over blocks and, inside a block,
+// over warps: each warp takes 16 keys of every 64-key stage and keeps its own running max, sum
+// and accumulators, merged through shared memory at the end. With one split the block writes o
+// and lse itself; with several, each block writes its normalized partial output and lse in fp32
+// to o_partial / lse_partial and flash_decode_combine_kernel merges them.
+//
+// Preconditions: (Hq / Hkv) * Sq <= kDecodeRows; seqlen_k > 0; p.num_splits from decode_splits
+// (flash_attention_kernels.cuh: no split empty), with o_partial, lse_partial allocated when it
+// is above 1; grid (num_splits, Hkv, B) of DecodeTile::THREADS threads, DecodeTile::SMEM_BYTES
+// of dynamic shared memory; the combine kernel one warp per (batch, head, query) row.
+#pragma once
+
+#include "flash_attention_common.cuh"
+
+namespace llama_kernels {
+namespace attention {
+
+constexpr int kDecodeRows = 16;  // packed query rows: one m16 tile
+
+// Keys go in 64-key stages (16 per warp), double buffered.
+template <int D_>
+struct DecodeTile {
+  static constexpr int D = D_, WARPS = 4, THREADS = WARPS * kWarpSize;
+  static constexpr int BLOCK_N = 16 * WARPS;  // keys per stage: 16 per warp
+  static constexpr int STAGE_BYTES = 2 * BLOCK_N * D * 2;  // K and V
+  // Q rows, two K/V stages; the warps' fp32 accumulators reuse the stages at the end.
+  static constexpr int SMEM_BYTES = kDecodeRows * D * 2 + 2 * STAGE_BYTES;
+  static constexpr int O_STRIDE = D + 8;  // floats between merge-scratch rows (bank spread)
+  static_assert(WARPS * kDecodeRows * O_STRIDE * 4 + 2 * WARPS * kDecodeRows * 4 <=
+                    2 * STAGE_BYTES,
+                "the merge scratch fits in the K/V stages");
+};
+
+// __launch_bounds__(128, 2) asks for two resident blocks per SM, the occupancy decode_splits
+// plans for (at d128 a block's 68 KiB of shared memory allows no more than 2 on sm_80). It caps
+// no registers: 2 blocks x 128 threads leave 256 registers a thread, above the 255 maximum (a
+// cap of 128 would take 4 blocks, 512 threads). It only steers ptxas (nvcc 13.0): d64 / d128
+// use 120 / 168 registers on sm_80 and 121 / 175 on sm_90 with it, 124 / 165 and 131 / 176
+// without; no spills either way.
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const AttnParams p) {
+  constexpr int D = Tile::D, BLOCK_N = Tile::BLOCK_N, THREADS = Tile::THREADS;
+  constexpr int WARPS = Tile::WARPS, DT = D / 8, CHUNKS = D / 8;
+  const int split = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  const int group = p.heads_q / p.heads_kv;
+  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const int rows = group * sq;  // <= kDecodeRows
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const SwizzledLanes<D> lanes(lane);
+
+  T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
+  T* s_k = s_q + kDecodeRows * D;       // [2][BLOCK_N][D]
+  T* s_v = s_k + 2 * BLOCK_N * D;       // [2][BLOCK_N][D]
+  const uint32_t sh_q = tc::smem_addr(s_q), sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
+
+  // This split's stages [t_begin, t_end) (decode_splits leaves none empty).
+  const int stages = ceil_div(sk, BLOCK_N);
+  const int per_split = ceil_div(stages, p.num_splits);
+  const int t_begin = split * per_split;
+  const int t_end = t_begin + per_split < stages ? t_begin + per_split : stages;
+
+  // Packed Q rows: row r = (head h_kv * group + r / sq, query r % sq); rows >= `rows` are 0.
+  for (int idx = threadIdx.x; idx < kDecodeRows * CHUNKS; idx += THREADS) {
+    const int r = idx / CHUNKS, chunk = idx % CHUNKS;
+    const bool ok = r < rows;
+    const int h = h_kv * group + (ok ? r / sq : 0), i = ok ? r % sq : 0;
+    const T* src = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head +
+                   i * p.q_s.row + chunk * 8;
+    tc::cp_async_16(s_q + swizzle<D>(r, chunk * 8), src, ok);
+  }
+  tc::cp_async_commit();  // Q alone in the first group: its fragments go to registers early
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  auto load_stage = [&](int t, int buf) {
+    load_kv_stage<T, D, BLOCK_N, THREADS>(sh_k, sh_v, buf, k, v, p, sk, int64_t(t) * BLOCK_N);
+  };
+  if (t_begin < t_end) load_stage(t_begin, 0);
+  tc::cp_async_commit();
+
+  // Q's A fragments, read once (every stage multiplies the same 16 rows).
+  uint32_t qa[D / 16][4];
+  tc::cp_async_wait<1>();
+  tc::block_sync();
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) load_a<D>(qa[kt], sh_q, 0, kt * 16, lanes);
+
+  float o[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const int key_in_stage = warp * 16;  // this warp's 16 keys of each stage
+
+  for (int t = t_begin; t < t_end; ++t) {
+    const int buf = (t - t_begin) & 1;
+    tc::cp_async_wait<0>();
+    tc::block_sync();  // stage t (and Q) landed; every warp is done with stage t - 1
+    if (t + 1 < t_end) load_stage(t + 1, buf ^ 1);
+    tc::cp_async_commit();
+    const uint32_t sk_tile = sh_k + 2 * buf * BLOCK_N * D;
+    const uint32_t sv_tile = sh_v + 2 * buf * BLOCK_N * D;
+
+    float s[2][4] = {};
+#pragma unroll
+    for (int kt = 0; kt < D / 16; ++kt) {
+      uint32_t b0[2], b1[2];
+      load_b_nk<D>(b0, b1, sk_tile, key_in_stage, kt * 16, lanes);
+      tc::mma_16816<T>(s[0], qa[kt], b0);
+      tc::mma_16816<T>(s[1], qa[kt], b1);
+    }
+    // Scale to base 2, mask ragged ends and (causal) the keys past each query's diagonal.
+    const int key0 = t * BLOCK_N + key_in_stage;
+    const bool masked = key0 + 16 > sk - (p.causal ? sq - 1 : 0);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] *= p.softmax_scale_log2;
+        const int r = g + (e / 2) * 8;
+        if (masked && !visible(r % sq, key0 + nt * 8 + 2 * c + e % 2, sq, sk, p.causal)) {
+          s[nt][e] = -INFINITY;
+        }
+      }
+    }
+    online_softmax_step(s, o, row_max, row_sum);
+    uint32_t a[4];
+    accumulators_as_a<T>(a, s[0], s[1]);
+#pragma unroll
+    for (int dp = 0; dp < DT / 2; ++dp) {
+      uint32_t b0[2], b1[2];
+      load_b_kn<D>(b0, b1, sv_tile, key_in_stage, dp * 16, lanes);
+      tc::mma_16816<T>(o[2 * dp], a, b0);
+      tc::mma_16816<T>(o[2 * dp + 1], a, b1);
+    }
+  }
+
+  // Merge the warps: each writes its max, sum and accumulators (fp32) over the K/V stages.
+  tc::block_sync();  // every warp is done with the stages
+  // Rows of o_w are D + 8 floats apart: with rows a multiple of 32 banks apart, the 8 rows a
+  // warp's float2 stores hit would collide 8 ways; with +8 the 16 lanes of each half-warp
+  // (4 rows x 4 column pairs) cover all 32 banks.
+  constexpr int O_STRIDE = Tile::O_STRIDE;
+  float* m_w = reinterpret_cast<float*>(s_k);         // [WARPS][16]
+  float* l_w = m_w + WARPS * kDecodeRows;             // [WARPS][16]
+  float* o_w = l_w + WARPS * kDecodeRows;             // [WARPS][16][O_STRIDE]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += tc::shfl_xor(sum, 1);
+    sum += tc::shfl_xor(sum, 2);
+    if (c == 0) {
+      m_w[warp * kDecodeRows + g + 8 * r] = row_max[r];
+      l_w[warp * kDecodeRows + g + 8 * r] = sum;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      *reinterpret_cast<float2*>(o_w + (warp * kDecodeRows + g + 8 * r) * O_STRIDE + dt * 8 +
+                                 2 * c) = float2{o[dt][2 * r], o[dt][2 * r + 1]};
+    }
+  }
+  tc::block_sync();
+  // One thread per (row, column pair): the merged row, normalized; its lse (natural log).
+  for (int idx = threadIdx.x; idx < rows * (D / 2); idx += THREADS) {
+    const int r = idx / (D / 2), col = (idx % (D / 2)) * 2;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, m_w[w * kDecodeRows + r]);
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f, acc0 = 0.f, acc1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float weight = exp2f(m_w[w * kDecodeRows + r] - base);
+      sum += l_w[w * kDecodeRows + r] * weight;
+      const float2 part =
+          *reinterpret_cast<const float2*>(o_w + (w * kDecodeRows + r) * O_STRIDE + col);
+      acc0 += part.x * weight;
+      acc1 += part.y * weight;
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float lse = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+    const int h = h_kv * group + r / sq, i = r % sq;
+    const int64_t lse_at = (int64_t(b) * p.heads_q + h) * sq + i;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.o) + b * p.o_s.batch + h * p.o_s.head + i * p.o_s.row;
+      *reinterpret_cast<uint32_t*>(out + col) = tc::pack2<T>(acc0 * inv, acc1 * inv);
+      if (col == 0) p.lse[lse_at] = lse;
+    } else {
+      const int64_t at = int64_t(split) * p.batch * p.heads_q * sq + lse_at;
+      p.o_partial[at * D + col] = acc0 * inv;
+      p.o_partial[at * D + col + 1] = acc1 * inv;
+      if (col == 0) p.lse_partial[at] = lse;
+    }
+  }
+}
+
+// Merge the splits of one (batch, head, query) row per warp: out = sum_s w_s o_s / sum_s w_s,
+// w_s = exp(lse_s - max lse), lse = max + log sum_s w_s. A split that saw no key has lse -inf
+// and weight 0.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) flash_decode_combine_kernel(const AttnParams p) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q, row = warp_row();
+  const int lane = threadIdx.x % kWarpSize;
+  if (row >= rows) return;  // whole warps leave together
+  float mx = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_partial[s * rows + row]);
+  const float base = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  for (int s = 0; s < p.num_splits; ++s) sum += expf(p.lse_partial[s * rows + row] - base);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const int i = row % p.seqlen_q;
+  const int h = row / p.seqlen_q % p.heads_q;
+  const int b = row / (int64_t(p.seqlen_q) * p.heads_q);
+  T* out = static_cast<T*>(p.o) + b * p.o_s.batch + h * p.o_s.head + i * p.o_s.row;
+#pragma unroll
+  for (int col = 2 * lane; col < D; col += 2 * kWarpSize) {
+    float acc0 = 0.f, acc1 = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = expf(p.lse_partial[s * rows + row] - base);
+      acc0 += w * p.o_partial[(s * rows + row) * D + col];
+      acc1 += w * p.o_partial[(s * rows + row) * D + col + 1];
+    }
+    *reinterpret_cast<uint32_t*>(out + col) = tc::pack2<T>(acc0 * inv, acc1 * inv);
+  }
+  if (lane == 0) p.lse[row] = sum > 0.f ? base + logf(sum) : -INFINITY;
+}
+
+}  // namespace attention
+}  // namespace llama_kernels
