@@ -17,11 +17,29 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from llama_kernels import checkpoint as ckpt
 from llama_kernels.layers import RaggedBatch, RMSNorm, TransformerBlock, ffn_hidden_dim
 from llama_kernels.ops import rotary_tables
+
+
+CHECKPOINT_POLICIES = ("none", "full", "selective")
+
+# The paper's checkpointing (section 2.4): keep the activations that are expensive to recompute,
+# the outputs of the linear layers and of attention (with its log-sum-exp), and recompute the
+# cheap ones in the backward: the norms, SwiGLU and rotary, each one fused kernel here.
+_SAVED_BY_SELECTIVE = {"mm", "addmm", "bmm", "linear", "flash_attention_fwd"}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    save = getattr(op, "overloadpacket", op).__name__ in _SAVED_BY_SELECTIVE
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_selective_policy)
 
 
 @dataclass
@@ -37,8 +55,19 @@ class ModelArgs:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    checkpoint_activations: bool = False  # recompute each block in the backward (training)
+    # What each block keeps for its backward while training (CHECKPOINT_POLICIES): "none" keeps
+    # everything autograd saves, "full" keeps the block's inputs and recomputes the whole block,
+    # "selective" keeps the matmul and attention outputs and recomputes the rest (True / False
+    # mean "full" / "none")
+    checkpoint_activations: str | bool = "none"
     extra: dict = field(default_factory=dict, repr=False)  # unknown params.json keys, kept
+
+    def __post_init__(self):
+        if isinstance(self.checkpoint_activations, bool):
+            self.checkpoint_activations = "full" if self.checkpoint_activations else "none"
+        if self.checkpoint_activations not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint_activations: expected one of {CHECKPOINT_POLICIES} "
+                             f"(or a bool), got {self.checkpoint_activations!r}")
 
     @property
     def head_dim(self) -> int:
@@ -177,12 +206,14 @@ class Transformer(nn.Module):
             cos = self.rope_cos[start_pos:start_pos + seqlen]  # (S, head_dim / 2)
             sin = self.rope_sin[start_pos:start_pos + seqlen]
         delta, residual = self.tok_embeddings(tokens), None  # (B, S, dim)
-        recompute = self.args.checkpoint_activations and self.training and torch.is_grad_enabled()
+        policy = self.args.checkpoint_activations
+        recompute = policy != "none" and self.training and torch.is_grad_enabled()
+        context = {"context_fn": _selective_contexts} if policy == "selective" else {}
         for layer in self.layers:
             if recompute:
                 delta, residual = checkpoint(layer, delta, residual, cos, sin, start_pos,
                                              use_cache=use_cache, batch=batch,
-                                             use_reentrant=False)
+                                             use_reentrant=False, **context)
             else:
                 delta, residual = layer(delta, residual, cos, sin, start_pos, use_cache=use_cache,
                                         batch=batch)
@@ -375,4 +406,5 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ModelArgs", "PRESETS", "Transformer", "num_params", "sample", "sample_tokens"]
+__all__ = ["CHECKPOINT_POLICIES", "ModelArgs", "PRESETS", "Transformer", "num_params", "sample",
+           "sample_tokens"]

@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"])
-    parser.add_argument("--checkpoint-activations", action="store_true")
+    parser.add_argument("--checkpoint-activations", nargs="?", const="full", default="none",
+                        choices=["none", "full", "selective"],
+                        help="recompute in the backward: none, full blocks (the flag alone), "
+                             "or selective (the paper's: keep matmul and attention outputs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--save", help="write the trained model here (Meta format)")
