@@ -110,6 +110,27 @@ def test_patched_model_padding_mask_and_generation(unpatched_rotary):
     assert attn_q_lens[:2] == [15, 15] and set(attn_q_lens[2:]) == {1}  # prefill, then decode
 
 
+def test_patched_model_packed_sequences_use_varlen(unpatched_rotary):
+    """Padding-free packing (DataCollatorWithFlattening's keywords): one row of three sequences
+    gives each sequence's own logits, through flash_attention_varlen."""
+    hf = tiny_hf()
+    lengths = [5, 11, 3]
+    seqs = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
+    with torch.no_grad():
+        alone = [hf(s).logits[0] for s in seqs]
+    patched = patch_llama(copy.deepcopy(hf))
+    cu = torch.tensor([0, 5, 16, 19], dtype=torch.int32)
+    packed = dict(input_ids=torch.cat(seqs, 1),
+                  position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11, max_length_k=11)
+    with OpRecorder() as rec, torch.no_grad():
+        logits = patched(**packed).logits[0]
+    assert [name for name, _ in rec.calls if "attention" in name] == \
+        ["flash_attention_varlen_fwd"] * 2
+    for seq_logits, (start, stop) in zip(alone, zip(cu[:-1].tolist(), cu[1:].tolist())):
+        close(logits[start:stop], seq_logits)
+
+
 def test_patch_is_idempotent():
     hf = tiny_hf()
     ids = torch.randint(0, VOCAB, (1, 9))

@@ -9,10 +9,13 @@ What is patched, each through the most public hook transformers offers:
 - Attention: an attention function registered with transformers' ``AttentionInterface`` under
   the name ``"llama_kernels"`` (with ``AttentionMaskInterface`` reusing sdpa's mask builder) and
   selected on the model's config. It calls ``flash_attention`` whenever the attention is plain
-  causal (no padding mask, no dropout, ``Sq == Sk`` or a one-token decoding step) and hands any
-  other case (padded batches, static-cache prefill, dropout in training) to transformers' own
-  sdpa function, so the result is never silently wrong. Needs transformers >= 4.53; older
-  versions keep their attention and are told so by a warning.
+  causal (no padding mask, no dropout, ``Sq == Sk`` or a one-token decoding step), and
+  ``flash_attention_varlen`` for padding-free packed batches (one row of several sequences, with
+  the ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k`` keywords that
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` supplies); it hands any other
+  case (padded batches, static-cache prefill, dropout in training) to transformers' own sdpa
+  function, so the result is never silently wrong. Needs transformers >= 4.53; older versions
+  keep their attention and are told so by a warning.
 - Rotary: Llama's attention calls the module-level ``apply_rotary_pos_emb`` of its modeling
   file, so that name is replaced there by a wrapper around ``apply_rotary`` (HF's half-split
   layout, its own cos/sin, whatever rope scaling produced them). This one is process-wide: every
@@ -32,7 +35,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from llama_kernels.ops import apply_rotary, flash_attention, rms_norm, swiglu
+from llama_kernels.ops import (apply_rotary, flash_attention, flash_attention_varlen, rms_norm,
+                               swiglu)
 
 ATTN_IMPLEMENTATION = "llama_kernels"
 _SILU = ("silu", "swish")
@@ -64,9 +68,20 @@ def llama_kernels_attention(module: nn.Module, query: Tensor, key: Tensor, value
     ``(out (B, Sq, Hq, D), None)``."""
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     sq, sk = query.shape[2], key.shape[2]
-    plain = (attention_mask is None and dropout == 0.0 and is_causal and (sq == sk or sq == 1)
-             and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
-             and not kwargs.get("output_attentions", False))
+    simple = (dropout == 0.0 and is_causal and kwargs.get("softcap") is None
+              and kwargs.get("sliding_window") is None
+              and not kwargs.get("output_attentions", False))
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if simple and cu_q is not None and cu_k is not None and query.shape[0] == 1:
+        # padding-free packing: the sequences of one row attend only to themselves (the mask
+        # transformers built from position_ids says the same, block-diagonal)
+        out = flash_attention_varlen(query[0].transpose(0, 1),  # (T, Hq, D)
+                                     key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                     cu_q.to(torch.int32), cu_k.to(torch.int32),
+                                     int(kwargs["max_length_q"]), int(kwargs["max_length_k"]),
+                                     causal=True, softmax_scale=scaling)
+        return out[None], None  # (1, T, Hq, D)
+    plain = simple and attention_mask is None and (sq == sk or sq == 1)
     if not plain:
         return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout,
                                 scaling=scaling, is_causal=is_causal, **kwargs)
