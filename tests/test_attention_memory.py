@@ -3,14 +3,12 @@ instructions: HGMMA in the SASS of the Triton forward compiled ahead of time."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama_kernels as lk
 from helpers import DEVICE, GPU, backend_params, run_compiler_script
-
 
 
 class AllocationRecorder(TorchDispatchMode):

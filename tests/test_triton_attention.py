@@ -1,14 +1,16 @@
-"""The Triton flash attention (llama_kernels/triton/flash_attention.py): forward, lse, backward,
-grouped-query heads, bottom-right causal masks, the split-KV decode path and its combine,
-strided inputs, opcheck, torch.compile, and an ahead-of-time compile for sm_80 / sm_90.
+"""The Triton flash attention (llama_kernels/triton/: the launchers of flash_attention.py, the
+kernels of attention_fwd.py, attention_decode.py and attention_bwd.py, the settings of
+attention_launch.py): forward, lse, backward, grouped-query heads, bottom-right causal masks,
+the split-KV decode path and its combine, strided inputs, opcheck, torch.compile, and an
+ahead-of-time compile for sm_80 / sm_90.
 
 Kernels run on CPU tensors under TRITON_INTERPRET=1 where there is no GPU (conftest.py sets
 it before triton is imported), about 1 ms per program instance, so shapes are small; the
-interpreter's launch settings (attention_config(..., arch=None)) use 16/32-wide tiles, so short
-sequences still cover multi-block loops, ragged edges and diagonal tiles. On a GPU the same
-tests run with the real tiles, plus the GPU-only shapes at the end.
+interpreter's launch settings (attention_launch_settings(..., arch=None)) use 16/32-wide
+tiles, so short sequences still cover multi-block loops, ragged edges and diagonal tiles. On
+a GPU the same tests run with the real tiles, plus the GPU-only shapes at the end.
 
-Tolerance (STYLE.md rule 8, helpers.assert_close): error against the fp32 reference
+Tolerance (helpers.assert_close): error against the fp32 reference
 (reference.py, upcast=True) at most twice that of eager PyTorch in the test dtype (upcast=False)
 plus a floor of one epsilon of the dtype (1e-5 in fp32) times the largest value. Why 2x: the
 kernel rounds P to the input dtype before P V (as eager rounds its softmax) and sums in another
@@ -40,6 +42,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != 
 
 import llama_kernels as lk  # noqa: E402
 from llama_kernels import reference  # noqa: E402
+from llama_kernels.triton import attention_launch as launch  # noqa: E402
 from llama_kernels.triton import flash_attention as fa  # noqa: E402
 from helpers import (DEVICE, DTYPES, GPU, Guarded, assert_close,  # noqa: E402
                      attention_grads, poisoned, qkv_inputs, run_compiler_script)
@@ -152,14 +155,14 @@ def test_backward_kernels_guarded(dtype):
 def test_tile_shapes(block_m, block_n):
     """Other tile shapes than the interpreter default (M < N, M > N by 4x) for forward and both
     backward kernels: the causal loop bounds and diagonal masks do not assume M == N."""
-    cfg = fa.AttnConfig(block_m, block_n, 4, 2)
-    configs = {"fwd": cfg, "bwd_dkdv": cfg, "bwd_dq": cfg}
+    cfg = launch.AttentionLaunch(block_m, block_n, 4, 2)
+    settings = {"fwd": cfg, "bwd_dkdv": cfg, "bwd_dq": cfg}
     q, k, v = qkv_inputs(1, 70, 91, 2, 1, 32, torch.float32)
     scale = 0.2
-    out, lse = fa.flash_attention_fwd(q, k, v, True, scale, configs=configs)
+    out, lse = fa.flash_attention_fwd(q, k, v, True, scale, settings=settings)
     check_forward(q, k, v, True, scale, out, lse)
     dout = torch.randn(q.shape, device=DEVICE)
-    got = fa.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, configs=configs)
+    got = fa.flash_attention_bwd(dout, q, k, v, out, lse, True, scale, settings=settings)
     ref = reference.attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=scale)
     for name, g, r in zip(("dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
@@ -235,7 +238,7 @@ def test_transposed_and_non_unit_last_stride():
 
 def _decode_block_n(d: int) -> int:
     arch = torch.cuda.get_device_capability() if GPU else None
-    return fa.attention_config("decode", d, arch, rows=1).block_n
+    return launch.attention_launch_settings("decode", d, arch, rows=1).block_n
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -266,9 +269,9 @@ def test_decode_rows_with_empty_splits():
     key of the later splits (per-row empty partials, lse = -inf) and must still be exact."""
     b, sq, sk, hq, hkv, d = 1, 40, 64, 2, 1, 32
     q, k, v = qkv_inputs(b, sq, sk, hq, hkv, d, torch.float32)
-    cfg = fa.AttnConfig(16, 16, 4, 2)
+    cfg = launch.AttentionLaunch(16, 16, 4, 2)
     out, lse = fa.flash_attention_fwd(q, k, v, True, 0.2, decode=True, num_splits=4,
-                                      configs={"decode": cfg})
+                                      settings={"decode": cfg})
     check_forward(q, k, v, True, 0.2, out, lse)
 
 
@@ -279,12 +282,13 @@ def test_decode_is_default_for_few_queries(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("prefill kernel launched for a decode step")
 
-    q, k, v = qkv_inputs(1, fa.DECODE_MAX_SEQLEN_Q, 40, 4, 2, 32, torch.float16, poison=False)
+    q, k, v = qkv_inputs(1, launch.DECODE_MAX_SEQLEN_Q, 40, 4, 2, 32, torch.float16,
+                         poison=False)
     with monkeypatch.context() as m:
         m.setattr(fa, "_attn_fwd_kernel", Forbidden())
         out, lse = fa.flash_attention_fwd(q, k, v, True, 0.2)
     check_forward(q, k, v, True, 0.2, out, lse)
-    q = torch.randn(1, fa.DECODE_MAX_SEQLEN_Q + 1, 4, 32, device=DEVICE)
+    q = torch.randn(1, launch.DECODE_MAX_SEQLEN_Q + 1, 4, 32, device=DEVICE)
     with monkeypatch.context() as m:
         m.setattr(fa, "_attn_fwd_kernel", Forbidden())
         with pytest.raises(AssertionError, match="prefill"):
@@ -293,41 +297,55 @@ def test_decode_is_default_for_few_queries(monkeypatch):
 
 def test_num_splits_heuristic():
     # a grid that already fills the GPU: no split
-    assert fa.num_splits_heuristic(n_programs=1000, n_key_blocks=64, n_sm=132) == 1
+    assert launch.num_splits_heuristic(n_programs=1000, n_key_blocks=64, num_sms=132) == 1
     # one program per (batch, kv head): splits until the SMs are busy, never past the blocks
-    s = fa.num_splits_heuristic(n_programs=32, n_key_blocks=64, n_sm=132)
+    s = launch.num_splits_heuristic(n_programs=32, n_key_blocks=64, num_sms=132)
     assert 2 <= s <= 64
     assert 32 * s >= 0.8 * 132, "the split grid should cover most of the SMs"
-    assert fa.num_splits_heuristic(n_programs=1, n_key_blocks=3, n_sm=132) <= 3
-    assert fa.num_splits_heuristic(n_programs=1, n_key_blocks=1, n_sm=132) == 1
+    assert launch.num_splits_heuristic(n_programs=1, n_key_blocks=3, num_sms=132) <= 3
+    assert launch.num_splits_heuristic(n_programs=1, n_key_blocks=1, num_sms=132) == 1
     for n_programs in (1, 4, 32, 100):
         for blocks in (1, 7, 64, 1000):
-            s = fa.num_splits_heuristic(n_programs, blocks, 132)
-            assert 1 <= s <= min(fa.MAX_SPLITS, blocks)
+            s = launch.num_splits_heuristic(n_programs, blocks, 132)
+            assert 1 <= s <= min(launch.MAX_SPLITS, blocks)
 
 
 # ------------------------------------------------------------------------------ settings
 
 
 @pytest.mark.parametrize("arch", [None, (8, 0), (8, 6), (9, 0)], ids=str)
-def test_attention_config(arch):
+def test_attention_launch_settings(arch):
     for d in (16, 40, 64, 80, 96, 128, 256):
-        for kernel in fa.KERNELS:
-            cfg = fa.attention_config(kernel, d, arch, rows=4)
+        for kernel in launch.KERNELS:
+            cfg = launch.attention_launch_settings(kernel, d, arch, rows=4)
             if kernel in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
                 for block in (cfg.block_m, cfg.block_n):
                     assert block >= 16 and block & (block - 1) == 0, (kernel, d, cfg)
             assert cfg.num_warps in (1, 2, 4, 8) and cfg.num_stages >= 1
-            fp32 = fa.attention_config(kernel, d, arch, rows=4, elem_bytes=4)
+            fp32 = launch.attention_launch_settings(kernel, d, arch, rows=4, elem_bytes=4)
             assert fp32.block_m <= cfg.block_m and fp32.block_n <= cfg.block_n
             assert fp32.num_stages <= cfg.num_stages
-    if arch == (8, 0):  # KERNEL-NOTES known-good starting point: FA2's 128 x 64 at d128
-        assert fa.attention_config("fwd", 128, arch)[:2] == (128, 64)
+    if arch == (8, 0):  # FlashAttention-2's forward tile at d128 on an A100: 128 x 64
+        assert launch.attention_launch_settings("fwd", 128, arch)[:2] == (128, 64)
     with pytest.raises(ValueError, match="kernel"):
-        fa.attention_config("nope", 64, arch)
+        launch.attention_launch_settings("nope", 64, arch)
 
 
-def test_aot_cases_follow_attention_config():
+def test_launch_settings_module_is_self_contained():
+    """attention_launch.py imports nothing of this package: its rules can be replaced (a table
+    of tuned settings, say) without touching the kernels or the launchers."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(launch))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "typing", "torch", "triton"}, imported
+
+
+def test_aot_cases_follow_attention_launch_settings():
     names = {c.name for c in fa.AOT_CASES}
     assert len(names) == len(fa.AOT_CASES) == len(fa.AOT_CASE_ARCH)
     for c in fa.AOT_CASES:
@@ -335,7 +353,8 @@ def test_aot_cases_follow_attention_config():
         kernel = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "bwd_dkdv",
                   "_attn_bwd_dq_kernel": "bwd_dq"}.get(c.fn.__name__)
         if kernel:
-            cfg = fa.attention_config(kernel, c.constexprs["HEAD_DIM"], (arch // 10, arch % 10))
+            cfg = launch.attention_launch_settings(kernel, c.constexprs["HEAD_DIM"],
+                                                   (arch // 10, arch % 10))
             assert (c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"], c.num_warps,
                     c.num_stages) == tuple(cfg), c.name
     for word in ("attn_fwd_causal", "attn_decode", "attn_combine", "attn_bwd_dkdv",
@@ -356,6 +375,14 @@ def test_bad_inputs():
         fa.flash_attention_fwd(big, big, big, False, 0.1)
     with pytest.raises(ValueError, match="out"):
         fa.flash_attention_fwd(q, q, q, True, 0.1, out=torch.empty(1, 8, 4, 31))
+    with pytest.raises(ValueError, match="settings"):
+        fa.flash_attention_fwd(q, q, q, True, 0.1,
+                               settings={"forward": launch.AttentionLaunch(16, 16, 1, 1)})
+    with pytest.raises(ValueError, match="settings"):
+        fa.flash_attention_bwd(q, q, q, q, q, torch.zeros(1, 4, 8), True, 0.1,
+                               settings={"bwd_dq": (16, 16, 1, 1)})
+    with pytest.raises(ValueError, match="num_splits"):
+        fa.flash_attention_fwd(q[:, :1], q, q, True, 0.1, decode=True, num_splits=0)
 
 
 # ------------------------------------------------------------------------------ opcheck/compile

@@ -6,12 +6,12 @@ backend="triton" (forward and backward), then torch.library.opcheck and a fullgr
 torch.compile. On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by
 conftest.py before triton is imported), about 1 ms per program instance, so shapes are small.
 
-Tolerance: helpers.assert_close (STYLE.md rule 8): error against the fp32 reference at most
-twice that of eager PyTorch in the test dtype (reference.py with upcast=False), plus a floor of
-one bf16/fp16 epsilon (1e-5 in fp32) relative to the largest value. The floor is needed
-because the kernel must round its fp32 result to the output dtype (up to half an ulp), while
-eager on a small tensor can be luckier than that; in fp32 eager *is* the reference, so the
-floor alone covers the kernels' different summation order.
+Tolerance (helpers.assert_close): error against the fp32 reference at most twice that of
+eager PyTorch in the test dtype (reference.py with upcast=False), plus a floor of one bf16/fp16
+epsilon (1e-5 in fp32) relative to the largest value. The floor is needed because the kernel
+must round its fp32 result to the output dtype (up to half an ulp), while eager on a small
+tensor can be luckier than that; in fp32 eager *is* the reference, so the floor alone covers
+the kernels' different summation order.
 
 Interpreter trap (Triton 3.8): it converts fp32 to bf16 by truncation, not round-to-nearest
 as the GPU does, so in bf16 under the interpreter results may be one ulp off towards zero.
@@ -76,10 +76,10 @@ def _f32(ts):
 # (rows, dim, settings): None = the launchers' own choice; the forced chunked settings run the
 # wide-row loop (ragged last chunk, 1 and 2 rows per program) at a width the interpreter can
 # afford.
-CHUNKED_1 = tri_norm.RowSettings(block_rows=1, block_n=32, chunked=True, num_warps=1,
-                                 num_stages=1)
-CHUNKED_2 = tri_norm.RowSettings(block_rows=2, block_n=64, chunked=True, num_warps=2,
-                                 num_stages=1)
+CHUNKED_1 = tri_norm.RowLaunch(block_rows=1, block_n=32, chunked=True, num_warps=1,
+                               num_stages=1)
+CHUNKED_2 = tri_norm.RowLaunch(block_rows=2, block_n=64, chunked=True, num_warps=2,
+                               num_stages=1)
 NORM_SHAPES = [
     pytest.param(1, 123, None, id="1x123"),
     pytest.param(3, 123, None, id="3x123"),
@@ -127,7 +127,7 @@ def test_rms_norm_bwd_kernel(with_dh, rows, dim, settings, dtype):
     dh = rand_rows(rows, dim, dtype, pad=3) if with_dh else None
     rstd = reference.rms_norm_rstd(x, EPS)
     dx = Guarded((rows, dim), dtype)
-    s = settings or tri_norm.rms_norm_settings(rows, dim, backward=True)
+    s = settings or tri_norm.rms_norm_launch_settings(rows, dim, backward=True)
     # 2 programs: each walks several row tiles (the persistent loop and the accumulation of
     # its dw partial), and with one row tile the second program has none (zero partial).
     dw_partial = tri_norm._launch_bwd(dy, x, w, rstd, dh, dx.view, s, n_programs=2)
@@ -167,8 +167,8 @@ def test_rms_norm_bwd_deterministic_dweight(chunked):
 def test_rms_norm_wide_rows(dim):
     """Rows wider than MAX_FUSED_* take the chunked loop with the real settings."""
     rows, dtype = 2, torch.bfloat16
-    assert tri_norm.rms_norm_settings(rows, dim).chunked
-    assert tri_norm.rms_norm_settings(rows, dim, backward=True).chunked
+    assert tri_norm.rms_norm_launch_settings(rows, dim).chunked
+    assert tri_norm.rms_norm_launch_settings(rows, dim, backward=True).chunked
     x, w = rand_rows(rows, dim, dtype), torch.randn(dim, dtype=dtype, device=DEVICE)
     res, dy = rand_rows(rows, dim, dtype), torch.randn(rows, dim, dtype=dtype, device=DEVICE)
     y, h, rstd = tri_norm.add_rms_norm_fwd(x, res, w, EPS)
@@ -186,18 +186,18 @@ def test_rms_norm_wide_rows(dim):
     assert_close(dw, dw32, dw_e, "dweight")
 
 
-def test_rms_norm_settings():
+def test_rms_norm_launch_settings():
     """One settings function per op: no row is held in registers past MAX_FUSED, narrow rows
     are packed, the grid of the backward never exceeds the row tiles."""
     for dim in (123, 4096, 5120, 6656, 8192, 11008, 16384, 16385, 65536, 1 << 20):
         for bwd in (False, True):
-            s = tri_norm.rms_norm_settings(4096, dim, backward=bwd)
+            s = tri_norm.rms_norm_launch_settings(4096, dim, backward=bwd)
             limit = tri_norm.MAX_FUSED_BWD if bwd else tri_norm.MAX_FUSED_FWD
             assert s.block_n <= limit and (s.chunked or s.block_n >= dim), (dim, bwd, s)
             assert 1 <= s.num_warps <= 32 and s.block_rows >= 1
-    assert tri_norm.rms_norm_settings(4096, 123).block_rows > 1
-    assert tri_norm.rms_norm_settings(1, 123).block_rows == 1
-    s = tri_norm.rms_norm_settings(3, 123, backward=True)
+    assert tri_norm.rms_norm_launch_settings(4096, 123).block_rows > 1
+    assert tri_norm.rms_norm_launch_settings(1, 123).block_rows == 1
+    s = tri_norm.rms_norm_launch_settings(3, 123, backward=True)
     assert tri_norm.bwd_programs(3, s, 132) == 1
 
 
@@ -294,10 +294,10 @@ def test_rotary_kernel(mode, interleaved, seqlen, head_dim, dtype):
 def test_rotary_settings_read_tables_once_per_token():
     """A program covers several heads of its tokens (tables loaded once per token)."""
     for tokens, heads, d in ((16384, 32, 128), (8, 32, 128), (1, 32, 64), (1, 1, 256)):
-        s = tri_rotary.rotary_settings(tokens, heads, d)
+        s = tri_rotary.rotary_launch_settings(tokens, heads, d)
         assert 2 * s.block_half >= d and s.block_t >= 1 and s.block_h >= 1
         assert s.block_t <= tokens or tokens == 1
-    assert tri_rotary.rotary_settings(1, 32, 128).block_h > 1
+    assert tri_rotary.rotary_launch_settings(1, 32, 128).block_h > 1
 
 
 # ------------------------------------------------------------------------------ public API
@@ -461,7 +461,8 @@ def test_compile_fullgraph_triton():
 @pytest.mark.skipif(not GPU or torch.cuda.get_device_properties(0).total_memory < 40 << 30,
                     reason="needs a CUDA GPU with >= 40 GiB (tensors past 2**31 elements)")
 def test_offsets_past_2_pow_31():
-    """Rows whose element offset passes 2**31 (64-bit offsets; a Liger issue crashed there)."""
+    """Rows whose element offset passes 2**31: the kernels' offsets must be 64-bit (32-bit
+    offset arithmetic overflows there)."""
     dim, dtype = 4096, torch.bfloat16
     rows = (1 << 31) // dim + 3
     x = torch.randn(rows, dim, dtype=dtype, device=DEVICE)

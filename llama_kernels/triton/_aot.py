@@ -4,7 +4,10 @@ Each kernel module lists ``AOT_CASES``: its kernels with the constexprs, warps a
 its own launch-settings function picks at the LLaMA widths, so what is compiled here is what
 runs there. ``compile_case`` compiles one case to a cubin and reads back registers, spill bytes,
 stack and shared memory; ``python -m llama_kernels.triton._aot --arch 80 90 --json out.json``
-does every case of every module.
+does every case of the row-kernel modules (MODULES), whose settings are the same on every
+arch, for each arch. The attention settings depend on the arch, so each of
+flash_attention.AOT_CASES is meant for one arch, flash_attention.AOT_CASE_ARCH[case.name];
+tests/test_triton_attention.py compiles them.
 
 Must run in a process WITHOUT ``TRITON_INTERPRET=1``: under the interpreter ``@triton.jit``
 gives an interpreted function that cannot be compiled. No GPU or driver is needed.

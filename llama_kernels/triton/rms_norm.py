@@ -5,10 +5,10 @@ Launchers (called by llama_kernels.ops.rms_norm with 2-D row views, unit stride 
     add_rms_norm_fwd(x, residual, weight, eps) -> (y, h, rstd)
     rms_norm_bwd(dy, x, weight, rstd, dh) -> (dx, dweight)
 
-Two shapes of program, picked by ``rms_norm_settings``: rows up to MAX_FUSED_* wide are held in
-registers whole (several narrow rows per program); wider rows are walked in CHUNK-wide pieces,
-twice (sum of squares, then output), so no width spills registers (KERNEL-NOTES: Liger's
-next_pow2 block spills between 32k and 65k).
+Two shapes of program, picked by ``rms_norm_launch_settings``: rows up to MAX_FUSED_* wide are
+held in registers whole (several narrow rows per program); wider rows are walked in CHUNK-wide
+pieces, twice (sum of squares, then output), so no width spills registers (a kernel that holds
+a whole next_pow2 row, as Liger's RMSNorm does, spills between 32k and 65k columns).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ MAX_WARPS = 16
 MAX_WARPS_BWD = 32
 
 
-class RowSettings(NamedTuple):
+class RowLaunch(NamedTuple):
     block_rows: int
     block_n: int
     chunked: bool
@@ -202,7 +202,7 @@ class RowSettings(NamedTuple):
     num_stages: int
 
 
-def rms_norm_settings(n_rows: int, n_cols: int, *, backward: bool = False) -> RowSettings:
+def rms_norm_launch_settings(n_rows: int, n_cols: int, *, backward: bool = False) -> RowLaunch:
     """Launch settings of the forward (or backward) row kernel; used by launchers and AOT_CASES."""
     max_fused = MAX_FUSED_BWD if backward else MAX_FUSED_FWD
     width = triton.next_power_of_2(n_cols)
@@ -215,25 +215,25 @@ def rms_norm_settings(n_rows: int, n_cols: int, *, backward: bool = False) -> Ro
     num_warps = min(max(1, tile // (32 * per_thread)), MAX_WARPS_BWD if backward else MAX_WARPS)
     # One stage (no software pipelining): only wide rows loop, and latency is hidden by
     # several programs per SM; more stages would spend shared memory on prefetch buffers.
-    # Not yet timed on a GPU: the first knob to try for the chunked (>16k) path.
-    return RowSettings(block_rows, block_n, chunked, num_warps, 1)
+    # Untimed on a GPU: the first knob to try for the chunked (>16k) path.
+    return RowLaunch(block_rows, block_n, chunked, num_warps, 1)
 
 
-def _device_programs(device: torch.device) -> int:
+def _num_sms(device: torch.device) -> int:
     """SM count on a GPU; under the interpreter a small number (programs run one at a time)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def bwd_programs(n_rows: int, s: RowSettings, n_sm: int) -> int:
+def bwd_programs(n_rows: int, s: RowLaunch, num_sms: int) -> int:
     """Persistent grid of the backward: as many programs as fit on the GPU at once, never more
     than there are row tiles. The backward uses about 64 registers per thread (AOT_CASES), so
     a 512-thread program (4096-element tile) fits twice per SM and a 1024-thread one once.
     It also fixes the rows of the fp32 dw partial buffer, (programs, n_cols), which stays
     small next to x: 2 x SMs rows."""
     per_sm = 2 if s.block_rows * s.block_n <= TILE_ELEMS else 1
-    return max(1, min(triton.cdiv(n_rows, s.block_rows), n_sm * per_sm))
+    return max(1, min(triton.cdiv(n_rows, s.block_rows), num_sms * per_sm))
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -260,7 +260,7 @@ def _launch_fwd(x, residual, weight, eps, y, h, rstd, settings=None):
         if t is not None:
             _check_rows(name, t, n_cols)
     _check_vectors(weight, rstd, n_rows, n_cols)
-    s = settings or rms_norm_settings(n_rows, n_cols)
+    s = settings or rms_norm_launch_settings(n_rows, n_cols)
     has_res = residual is not None
     grid = (triton.cdiv(n_rows, s.block_rows),)
     _rms_norm_fwd_kernel[grid](
@@ -298,8 +298,8 @@ def _launch_bwd(dy, x, weight, rstd, dh, dx, settings=None, n_programs=None):
         if t is not None:
             _check_rows(name, t, n_cols)
     _check_vectors(weight, rstd, n_rows, n_cols)
-    s = settings or rms_norm_settings(n_rows, n_cols, backward=True)
-    n_progs = n_programs or bwd_programs(n_rows, s, _device_programs(x.device))
+    s = settings or rms_norm_launch_settings(n_rows, n_cols, backward=True)
+    n_progs = n_programs or bwd_programs(n_rows, s, _num_sms(x.device))
     # zero-filled only where the kernel accumulates into it (chunked rows)
     alloc = torch.zeros if s.chunked else torch.empty
     dw_partial = alloc((n_progs, n_cols), dtype=torch.float32, device=x.device)
@@ -335,7 +335,7 @@ def _aot_cases() -> list[_aot.AotCase]:
     for dtype in ("fp16", "bf16"):
         t = "*" + dtype
         for dim in AOT_DIMS:
-            s = rms_norm_settings(AOT_ROWS, dim)
+            s = rms_norm_launch_settings(AOT_ROWS, dim)
             for has_res in (False, True):
                 name = f"rms_norm_fwd{'_add' if has_res else ''} dim={dim} {dtype}"
                 cases.append(_aot.case(
@@ -347,7 +347,7 @@ def _aot_cases() -> list[_aot.AotCase]:
                     constexprs=dict(HAS_RESIDUAL=has_res, BLOCK_ROWS=s.block_rows,
                                     BLOCK_N=s.block_n, CHUNKED=s.chunked),
                     num_warps=s.num_warps, num_stages=s.num_stages))
-            s = rms_norm_settings(AOT_ROWS, dim, backward=True)
+            s = rms_norm_launch_settings(AOT_ROWS, dim, backward=True)
             for has_dh in (False, True):
                 name = f"rms_norm_bwd{'_dh' if has_dh else ''} dim={dim} {dtype}"
                 cases.append(_aot.case(

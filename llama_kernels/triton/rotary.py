@@ -96,7 +96,7 @@ STEP_ELEMS = 2048
 NUM_WARPS = 4
 
 
-class RotarySettings(NamedTuple):
+class RotaryLaunch(NamedTuple):
     block_t: int
     block_h: int
     block_half: int
@@ -104,7 +104,7 @@ class RotarySettings(NamedTuple):
     num_stages: int
 
 
-def rotary_settings(n_tokens: int, n_heads: int, head_dim: int) -> RotarySettings:
+def rotary_launch_settings(n_tokens: int, n_heads: int, head_dim: int) -> RotaryLaunch:
     """Launch settings of the rotary kernel; used by the launcher and AOT_CASES."""
     block_half = triton.next_power_of_2(head_dim // 2)
     block_d = 2 * block_half
@@ -112,7 +112,7 @@ def rotary_settings(n_tokens: int, n_heads: int, head_dim: int) -> RotarySetting
     block_h = min(max(1, STEP_ELEMS // (block_t * block_d)), triton.next_power_of_2(n_heads))
     num_warps = min(NUM_WARPS, max(1, block_t * block_h * block_d // 256))  # >= 8 per thread
     # one stage: the head loop is a few steps (H / BLOCK_H), not worth prefetch buffers
-    return RotarySettings(block_t, block_h, block_half, num_warps, 1)
+    return RotaryLaunch(block_t, block_h, block_half, num_warps, 1)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -137,7 +137,7 @@ def _launch(x, cos, sin, positions, interleaved, conjugate, out, settings=None):
         raise ValueError(f"positions: expected int64 {(batch, seqlen)}, got "
                          f"{positions.dtype} {tuple(positions.shape)}")
     n_tokens = batch * seqlen
-    s = settings or rotary_settings(n_tokens, n_heads, head_dim)
+    s = settings or rotary_launch_settings(n_tokens, n_heads, head_dim)
     has_pos = positions is not None
     _rotary_kernel[(triton.cdiv(n_tokens, s.block_t),)](
         x, cos, sin, positions, out,
@@ -178,7 +178,7 @@ def _aot_cases() -> list[_aot.AotCase]:
         t = "*" + dtype
         for head_dim in AOT_HEAD_DIMS:
             for n_tokens, has_pos in AOT_SHAPES:
-                s = rotary_settings(n_tokens, AOT_HEADS, head_dim)
+                s = rotary_launch_settings(n_tokens, AOT_HEADS, head_dim)
                 # conjugate is the backward, run in training only (no positions)
                 for interleaved, conjugate in ((False, False), (True, False),
                                                *(((False, True), (True, True)) if not has_pos

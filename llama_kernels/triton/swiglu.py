@@ -109,7 +109,8 @@ def _swiglu_bwd_flat_kernel(dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n,
 # Column block: 1024 = 4 warps x 32 threads x 8 values, one 128-bit access of a 16-bit type
 # per thread per row. Wider rows (the FFN widths 11008..22016) take several column blocks, so
 # a non-power-of-two width wastes at most part of its last block, not up to half a
-# next_pow2 block (KERNEL-NOTES: Liger's SwiGLU loses 1.4-1.6x at 11008).
+# next_pow2 block (a whole-row next_pow2 block, as in Liger's SwiGLU, runs 1.4-1.6x slower
+# at 11008 columns).
 MAX_BLOCK_N = 1024
 # Elements per program: 2048 (two rows of 1024, or several narrow rows) over 4 warps = 16
 # values per thread per tensor; the backward keeps 3 inputs and 2 outputs live, still well
@@ -124,22 +125,22 @@ FLAT_BLOCK = 2048
 FLAT_WARPS = 4
 
 
-class EltwiseSettings(NamedTuple):
+class ElementwiseLaunch(NamedTuple):
     block_rows: int
     block_n: int
     num_warps: int
     num_stages: int
 
 
-def swiglu_settings(n_rows: int, n_cols: int) -> EltwiseSettings:
+def swiglu_launch_settings(n_rows: int, n_cols: int) -> ElementwiseLaunch:
     """Launch settings of both SwiGLU kernels; used by the launchers and AOT_CASES."""
     block_n = min(triton.next_power_of_2(n_cols), MAX_BLOCK_N)
     block_rows = min(max(1, TILE_ELEMS // block_n), triton.next_power_of_2(n_rows))
     num_warps = min(NUM_WARPS, max(1, block_rows * block_n // 256))  # >= 8 values per thread
-    return EltwiseSettings(block_rows, block_n, num_warps, 1)  # no loop: stages do not apply
+    return ElementwiseLaunch(block_rows, block_n, num_warps, 1)  # no loop: stages do not apply
 
 
-def _grid(n_rows: int, n_cols: int, s: EltwiseSettings):
+def _grid(n_rows: int, n_cols: int, s: ElementwiseLaunch):
     # rows on axis 0 (up to 2**31 - 1 programs), column blocks on axis 1 (limit 65535)
     return (triton.cdiv(n_rows, s.block_rows), triton.cdiv(n_cols, s.block_n))
 
@@ -172,7 +173,7 @@ def _launch_fwd(gate, up, out, settings=None):
         _swiglu_fwd_flat_kernel[_flat_grid(n)](gate, up, out, n, BLOCK=FLAT_BLOCK,
                                                num_warps=FLAT_WARPS, num_stages=1)
         return
-    s = settings or swiglu_settings(n_rows, n_cols)
+    s = settings or swiglu_launch_settings(n_rows, n_cols)
     _swiglu_fwd_kernel[_grid(n_rows, n_cols, s)](
         gate, up, out,
         n_rows, n_cols,
@@ -190,7 +191,7 @@ def _launch_bwd(dout, gate, up, dgate, dup, settings=None):
         _swiglu_bwd_flat_kernel[_flat_grid(n)](dout, gate, up, dgate, dup, n, BLOCK=FLAT_BLOCK,
                                                num_warps=FLAT_WARPS, num_stages=1)
         return
-    s = settings or swiglu_settings(n_rows, n_cols)
+    s = settings or swiglu_launch_settings(n_rows, n_cols)
     _swiglu_bwd_kernel[_grid(n_rows, n_cols, s)](
         dout, gate, up, dgate, dup,
         n_rows, n_cols,
@@ -225,9 +226,9 @@ AOT_ROWS = 4096
 def _aot_cases() -> list[_aot.AotCase]:
     # Widths that share launch settings compile to one kernel (every width >= 1024 does):
     # one case per distinct setting, named by the widths it stands for.
-    groups: dict[EltwiseSettings, list[int]] = {}
+    groups: dict[ElementwiseLaunch, list[int]] = {}
     for cols in AOT_COLS:
-        groups.setdefault(swiglu_settings(AOT_ROWS, cols), []).append(cols)
+        groups.setdefault(swiglu_launch_settings(AOT_ROWS, cols), []).append(cols)
     cases = []
     for dtype in ("fp16", "bf16"):
         t = "*" + dtype
