@@ -1,9 +1,10 @@
-// Shared pieces of every llama-kernels CUDA host file: input checks, dtype dispatch, alignment
-// tests and the cached launch queries. The device helpers (16-byte vector loads, fp32
-// conversions, warp/block reductions) are in device_common.cuh, torch-free for the emulator.
+// Shared pieces of every llama-kernels CUDA host file: input checks, dtype dispatch, the
+// cached launch queries and the launch and occupancy callables of the kernel headers' launch
+// paths. The device helpers (16-byte vector loads, fp32 conversions, warp/block reductions) and
+// the alignment tests are in device_common.cuh, torch-free for the emulator.
 //
-// Light headers on purpose (STYLE.md rule 12): ATen/core/Tensor.h and c10/cuda instead of
-// torch/all.h or ATen/cuda/CUDAContext.h, which compile about 3x slower and pull in cuBLAS.
+// Light headers: ATen/core/Tensor.h and c10/cuda instead of torch/all.h or
+// ATen/cuda/CUDAContext.h, which compile about 3x slower and pull in cuBLAS.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -66,23 +67,17 @@ namespace llama_kernels {
     }                                                                                         \
   }()
 
-// ------------------------------------------------------------------------------ host helpers
-
-// Every row of a 2-D (rows, cols) view starts 16-byte aligned (device_common.cuh's test).
-inline bool rows_aligned16(const at::Tensor& t) {
-  return rows_aligned16(t.data_ptr(), t.size(0), t.stride(0), t.element_size());
-}
-
 // ------------------------------------------------------------------------------ launch queries
 //
 // Launchers size their grids by the SM count and by a kernel's occupancy. Each query is a
 // runtime call (the occupancy one also looks up the function's attributes), paid on every
 // launch if not kept: host time that a decode-sized kernel of a few microseconds cannot hide
-// (benchmarks/NOTES.md item 5). Neither answer changes during the process, so each is asked
-// once and kept: the SM count per device index, the occupancy per (kernel, threads per block,
-// dynamic shared memory, device). That key is complete only while no one changes a kernel's
-// attributes (cudaFuncSetAttribute: carve-out, max dynamic shared memory); none of the kernels
-// that use it does. Both caches are safe to use from several host threads.
+// (benchmarks/NOTES.md, host overhead of the CUDA launchers). Neither answer changes during the
+// process, so each is asked once and kept: the SM count per device index, the occupancy per
+// (kernel, threads per block, dynamic shared memory, device). That key is complete only while
+// no one changes a kernel's attributes (cudaFuncSetAttribute: carve-out, max dynamic shared
+// memory); none of the kernels that use it does. Both caches are safe to use from several host
+// threads.
 
 // Multiprocessors of a device: queried once per device index.
 inline int num_sms(int device) {
@@ -132,6 +127,25 @@ int max_active_blocks_per_sm(void (*kernel)(Args...), int block_threads, size_t 
                              int device) {
   return max_active_blocks_per_sm(reinterpret_cast<const void*>(kernel), block_threads,
                                   dynamic_smem, device);
+}
+
+// ------------------------------------------------------------------------------ launch callables
+// The callables that the .cu files pass to the kernel headers' run_* functions (the launch-path
+// contract is in device_common.cuh). The caller holds a CUDAGuard for the operands' device.
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), then the launch check.
+inline auto stream_launch(cudaStream_t stream) {
+  return [stream](auto kernel, dim3 grid, dim3 block, size_t smem_bytes, auto... args) {
+    kernel<<<grid, block, smem_bytes, stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+}
+
+// Resident blocks per SM of a kernel on `device`, from the cache above.
+inline auto occupancy_on(int device) {
+  return [device](auto kernel, int block_threads, size_t smem_bytes) {
+    return max_active_blocks_per_sm(kernel, block_threads, smem_bytes, device);
+  };
 }
 
 }  // namespace llama_kernels

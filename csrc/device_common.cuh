@@ -1,8 +1,9 @@
-// Device-side helpers of the row kernels: fp32 conversions, 16-byte vector loads and stores,
-// warp/block reductions. Torch-free, so that the kernel headers (csrc/*_kernels.cuh) compile
-// both in the extension (through common.cuh) and on the host emulator
-// (tests/cuda_emulator/emulator.h, which must be included first and provides the CUDA names
-// used here: __half2, __shfl_xor_sync, __syncthreads, blockDim, threadIdx, ...).
+// Device-side helpers of the row kernels (fp32 conversions, 16-byte vector loads and stores,
+// warp/block reductions) and the host-side pieces of their launch paths (alignment tests,
+// vector-width dispatch, grid limit). Torch-free, so that the kernel headers
+// (csrc/*_kernels.cuh) compile both in the extension (through common.cuh) and on the host
+// emulator (tests/cuda_emulator/emulator.h, which must be included first and provides the CUDA
+// names used here: __half2, __shfl_xor_sync, __syncthreads, blockDim, threadIdx, ...).
 #pragma once
 
 #ifndef LLAMA_KERNELS_EMULATOR
@@ -13,6 +14,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -49,7 +52,8 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);  // elements per 16-byte access: 4 fp32, 8 fp16/bf16
 
-// Host side: alignment tests of the launchers (and the emulator's copies of their paths).
+// Host side: the alignment tests of the kernel headers' run_* functions, which decide between
+// the 16-byte vector and the scalar specializations.
 inline bool is_aligned(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
@@ -61,14 +65,53 @@ inline bool rows_aligned16(const void* ptr, int64_t rows, int64_t stride_row, in
   return is_aligned(ptr, 16) && (rows <= 1 || (stride_row * elem_size) % 16 == 0);
 }
 
+// One operand of the 16-byte path's test: a (rows, cols) view's start and row stride (elements);
+// stride 0 for a single vector (a weight), nullptr for an absent operand (it passes).
+struct RowsOperand {
+  const void* ptr;
+  int64_t stride_row;
+};
+
+// rows_aligned16 for every present operand, all of `rows` rows.
+inline bool rows_aligned16(std::initializer_list<RowsOperand> operands, int64_t rows,
+                           int elem_size) {
+  for (const RowsOperand& o : operands) {
+    if (o.ptr != nullptr && !rows_aligned16(o.ptr, rows, o.stride_row, elem_size)) return false;
+  }
+  return true;
+}
+
 // Host side: calls f(integral_constant<kVec>) for a run-time vector width, 1 element or 16
-// bytes (the two specializations of every row kernel): one mapping for the launchers and the
-// emulator. Any other width is a launch-settings bug.
+// bytes (the two specializations of every row kernel). Any other width is a launch-settings bug.
 template <typename T, typename F>
 void with_vec(int vec, F&& f) {
   if (vec == 1) return f(std::integral_constant<int, 1>{});
   if (vec != kVec16<T>) throw std::logic_error("internal error: vector width " + std::to_string(vec));
   f(std::integral_constant<int, kVec16<T>>{});
+}
+
+// ------------------------------------------------------------------------------ launch paths
+// Each kernel header (rms_norm_kernels.cuh, swiglu_kernels.cuh, rotary_kernels.cuh) ends in its
+// launch path: run_* functions that take the operands as a plain struct and make every decision
+// between them and the launches (alignment test, launch settings, specialization, grid), then
+// call launch(kernel, grid, block, smem_bytes, args...), which runs
+// kernel<<<grid, block, smem_bytes>>>(args...) the caller's way: on the current CUDA stream with
+// a launch check (common.cuh's stream_launch, in the .cu files), or on the host emulator
+// (tests/cuda_emulator/rows_emu.h), so that the emulator tests the launch code that ships.
+// Where settings depend on occupancy, occupancy(kernel, block_threads, dynamic_smem_bytes) gives
+// the resident blocks per SM of a specialization.
+// Every row kernel declares __launch_bounds__(max threads, 1): without the ", 1" ptxas spills a
+// register or two (STACK:8) to reach a higher occupancy tier (sm_80 and sm_90, nvcc 13.0);
+// tests/test_cuda_build.py asserts STACK:0 for every kernel.
+
+// Host side: the 1-D grid of `blocks` blocks. gridDim.x is at most 2^31 - 1 on sm_80 / sm_90;
+// a larger grid is refused before any launch, as std::invalid_argument("<what> (<count>)")
+// (a RuntimeError in Python).
+inline dim3 grid_1d(int64_t blocks, const char* what, int64_t count) {
+  if (blocks > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument(std::string(what) + " (" + std::to_string(count) + ")");
+  }
+  return dim3(static_cast<unsigned>(blocks));
 }
 
 template <typename T, int N>

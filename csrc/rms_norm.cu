@@ -10,13 +10,12 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
-#include <type_traits>
 
 namespace llama_kernels {
 namespace {
@@ -57,34 +56,19 @@ void check_rows_and_weight(const at::Tensor& x, const at::Tensor& weight) {
   } while (0)
 
 // Shared by rms_norm_fwd_cuda and add_rms_norm_fwd_cuda (residual undefined for the former).
+// The caller holds a CUDAGuard for x's device.
 void launch_rms_norm_fwd(const at::Tensor& y, const at::Tensor& h, const at::Tensor& rstd,
                          const at::Tensor& x, const at::Tensor& residual,
                          const at::Tensor& weight, double eps) {
-  const int64_t rows = x.size(0), dim = x.size(1);
-  if (rows == 0) return;
   const bool has_residual = residual.defined();
-  const bool aligned = rows_aligned16(x) && (!has_residual || rows_aligned16(residual)) &&
-                       is_aligned(weight.data_ptr(), 16) && is_aligned(y.data_ptr(), 16) &&
-                       (!has_residual || is_aligned(h.data_ptr(), 16));
-  const RowLaunch s = rms_norm_fwd_launch_settings(rows, dim, x.element_size(), aligned);
-  TORCH_CHECK(s.blocks <= std::numeric_limits<int>::max(), "x: too many rows (", rows, ")");
-  const dim3 grid(static_cast<unsigned>(s.blocks));
-  const dim3 block(s.threads_per_row, s.rows_per_block);
+  const RmsNormFwdParams p{y.data_ptr(), has_residual ? h.data_ptr() : nullptr,
+                           rstd.data_ptr<float>(), x.data_ptr(),
+                           has_residual ? residual.data_ptr() : nullptr, weight.data_ptr(),
+                           x.size(0), x.size(1), x.stride(0),
+                           has_residual ? residual.stride(0) : 0, static_cast<float>(eps)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  LK_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_fwd_cuda", [&] {
-    with_row_specialization<scalar_t>(s, [&](auto vec, auto items) {
-      rms_norm_fwd_kernel<scalar_t, decltype(vec)::value, decltype(items)::value>
-          <<<grid, block, 0, stream>>>(
-              static_cast<scalar_t*>(y.data_ptr()),
-              has_residual ? static_cast<scalar_t*>(h.data_ptr()) : nullptr,
-              rstd.data_ptr<float>(), static_cast<const scalar_t*>(x.data_ptr()),
-              has_residual ? static_cast<const scalar_t*>(residual.data_ptr()) : nullptr,
-              static_cast<const scalar_t*>(weight.data_ptr()), rows, static_cast<int>(dim),
-              x.stride(0), has_residual ? residual.stride(0) : 0, inv_dim(dim),
-              static_cast<float>(eps));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  LK_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_fwd_cuda",
+                    [&] { run_rms_norm_fwd<scalar_t>(p, stream_launch(stream)); });
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x,
@@ -127,52 +111,21 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const
   LK_CHECK_CONTIGUOUS(rstd, "rstd");
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), dim = x.size(1);
-  at::Tensor dx = at::empty({rows, dim}, x.options());
-  if (rows == 0) return {dx, at::zeros_like(weight)};
+  at::Tensor dx = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor dweight = at::empty_like(weight);
-
-  const bool aligned = rows_aligned16(x) && rows_aligned16(dy) &&
-                       (!has_dh || rows_aligned16(*dh)) && is_aligned(weight.data_ptr(), 16) &&
-                       is_aligned(dx.data_ptr(), 16);
+  RmsNormBwdParams p{dx.data_ptr(), dweight.data_ptr(), /*dw_partial, below*/ nullptr,
+                     dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr<float>(),
+                     has_dh ? dh->data_ptr() : nullptr, x.size(0), x.size(1), dy.stride(0),
+                     x.stride(0), has_dh ? dh->stride(0) : 0};
   // SM count and occupancy from common.cuh's caches: asked once per process, not per call.
   const int device = x.get_device();
-  const RowLaunch s = rms_norm_bwd_launch_settings(
-      rows, dim, x.element_size(), aligned, num_sms(device), [&](const RowLaunch& shape) {
-        int resident = 0;
-        LK_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_bwd_cuda", [&] {
-          with_row_specialization<scalar_t, true>(shape, [&](auto vec, auto items) {
-            resident = max_active_blocks_per_sm(
-                rms_norm_bwd_kernel<scalar_t, decltype(vec)::value, decltype(items)::value>,
-                shape.threads_per_row * shape.rows_per_block, 0, device);
-          });
-        });
-        return resident;
-      });
-  const int64_t n_partials = s.blocks * s.rows_per_block;
-  at::Tensor dw_partial = at::empty({n_partials, dim}, x.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned>(s.blocks));
-  const dim3 block(s.threads_per_row, s.rows_per_block);
-  const dim3 reduce_grid(static_cast<unsigned>(cdiv(dim, 32)));
-  const dim3 reduce_block(32, kReduceRows);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_bwd_cuda", [&] {
-    with_row_specialization<scalar_t, true>(s, [&](auto vec, auto items) {
-      rms_norm_bwd_kernel<scalar_t, decltype(vec)::value, decltype(items)::value>
-          <<<grid, block, 0, stream>>>(
-              static_cast<scalar_t*>(dx.data_ptr()), dw_partial.data_ptr<float>(),
-              static_cast<const scalar_t*>(dy.data_ptr()),
-              static_cast<const scalar_t*>(x.data_ptr()),
-              static_cast<const scalar_t*>(weight.data_ptr()), rstd.data_ptr<float>(),
-              has_dh ? static_cast<const scalar_t*>(dh->data_ptr()) : nullptr, rows,
-              static_cast<int>(dim), dy.stride(0), x.stride(0), has_dh ? dh->stride(0) : 0,
-              inv_dim(dim));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    rms_norm_dw_kernel<scalar_t><<<reduce_grid, reduce_block, 0, stream>>>(
-        static_cast<scalar_t*>(dweight.data_ptr()), dw_partial.data_ptr<float>(), n_partials,
-        static_cast<int>(dim));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const RowLaunch s = rms_norm_bwd_settings<scalar_t>(p, num_sms(device), occupancy_on(device));
+    const at::Tensor dw_partial =
+        at::empty({rms_norm_bwd_partial_rows(s), x.size(1)}, x.options().dtype(at::kFloat));
+    p.dw_partial = dw_partial.data_ptr<float>();
+    run_rms_norm_bwd<scalar_t>(p, s, stream_launch(stream));
   });
   return {dx, dweight};
 }

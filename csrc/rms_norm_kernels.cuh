@@ -5,21 +5,19 @@
 //             dw = sum over rows of dy * xhat
 // Rows are 2-D (rows, dim) views with unit column stride and any row stride; outputs are
 // contiguous. fp32 inside; rstd is kept in fp32 for the backward.
-// Kernels and launch settings; the host side (checks, allocation, launch) is rms_norm.cu.
-// Torch-free: also compiled by g++ against tests/cuda_emulator/emulator.h.
+// Kernels, launch settings and the launch path (run_rms_norm_fwd, run_rms_norm_bwd), torch-free:
+// rms_norm.cu adds the torch side and CUDA launches; tests/cuda_emulator/rms_norm_emu.cpp
+// compiles the same code with g++ against tests/cuda_emulator/emulator.h.
 #pragma once
 
 #include "device_common.cuh"
 
 namespace llama_kernels {
-// Internal linkage, as before the kernels moved here from rms_norm.cu: the header is
-// included by that one .cu (and by the emulator's rms_norm_emu.cpp), and the kernels keep
-// their names.
+// Internal linkage: each translation unit that includes this header (rms_norm.cu, the
+// emulator's rms_norm_emu.cpp) gets its own kernels, and the constants below may share names
+// with those of the other kernel headers.
 namespace {
 
-// Kernels declare __launch_bounds__(max threads, 1): without the ", 1" ptxas spilled a register
-// or two (STACK:8) to reach a higher occupancy tier, seen on sm_80 and sm_90 with nvcc 13.0;
-// tests/test_cuda_build.py asserts STACK:0 for every kernel.
 // A block holds at least this many threads: several rows of narrow widths share one block so
 // that an SM (at most 32 resident blocks) can still be filled with 2048 threads.
 constexpr int kMinBlockThreads = 128;
@@ -32,17 +30,15 @@ constexpr int kMaxItems = 8;
 // elements, so 16 of them cost fewer registers than 8 vectors, and widths up to 8192 fit.
 constexpr int kMaxScalarItems = 16;
 // 512, not 1024: a 1024-thread block caps ptxas at 64 registers, and the 8-vector bucket (its
-// loads of x and residual hoisted for ILP) spilled there; at 512 it has 128. Rows of up to
+// loads of x and residual hoisted for ILP) spills there; at 512 it has 128. Rows of up to
 // 512 x 8 vectors (32768 bf16, 16384 fp32) stay in registers.
 constexpr int kFwdMaxThreadsPerRow = 512;
 // The backward holds x, dy and fp32 dw accumulators per item, so it wants one item per thread
 // and many threads: with vectors, one 16-byte vector per thread on as many threads as the row
 // has vectors (up to 1024: 8192 bf16, 4096 fp32), at most 64 registers, so that an SM holds 32
 // warps: the shape of the Triton backward (16 warps x 8 values at width 4096, 64 registers, two
-// programs per SM: 87% of copy bandwidth on an H100, benchmarks/NOTES.md). The first version
-// held 4 vectors on 128 threads: 162 registers on sm_90, three blocks and 12 warps per SM, 68%.
-// Wider rows take 8 vectors on 256 threads (about 200 registers) and the scalar path stays at
-// 256 threads.
+// programs per SM: 87% of copy bandwidth on an H100, benchmarks/NOTES.md). Wider rows take 8
+// vectors on 256 threads (about 200 registers) and the scalar path stays at 256 threads.
 constexpr int kBwdMaxThreadsPerRow = 1024;
 constexpr int kBwdWideThreadsPerRow = 256;
 // Bound on the fp32 dw partials, in floats per SM (64 KB). QuACK's k x #SM partial rows for
@@ -157,35 +153,30 @@ constexpr bool row_launch_ok(const RowLaunch& s, int64_t dim, int max_threads) {
          (s.vec == 1 || dim % s.vec == 0) && s.blocks >= 1;
 }
 
-constexpr bool rms_norm_settings_ok(int64_t dim) {
-  for (int elem_size : {2, 4}) {
-    for (bool aligned : {false, true}) {
-      for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{100000}}) {
-        const RowLaunch f = rms_norm_fwd_launch_settings(rows, dim, elem_size, aligned);
-        const RowLaunch b = rms_norm_bwd_launch_settings(
-            rows, dim, elem_size, aligned, 132, [](const RowLaunch& shape) {
-              return kMaxThreadsPerSm / (shape.threads_per_row * shape.rows_per_block);
-            });
-        if (!row_launch_ok(f, dim, kFwdMaxThreadsPerRow)) return false;
-        if (!row_launch_ok(b, dim, kBwdMaxThreadsPerRow)) return false;
-        // a block never exceeds the launch bounds of the kernel it runs
-        if (b.threads_per_row * b.rows_per_block > rms_norm_bwd_max_threads(b.vec, b.items))
-          return false;
-        if (f.blocks * f.rows_per_block < rows) return false;
-        if (b.blocks > cdiv(rows, b.rows_per_block)) return false;
-        // The issue's promise: rows up to 8192 wide stay in registers (one read of x).
-        if (dim <= 8192 && f.items == 0) return false;
-      }
-    }
-  }
-  return true;
-}
-
 constexpr bool rms_norm_settings_self_test() {
   for (int64_t dim : {1, 2, 3, 7, 8, 9, 31, 32, 33, 123, 127, 128, 129, 255, 256, 257, 511, 512,
                       513, 1023, 1024, 1025, 2047, 2048, 2049, 4095, 4096, 4097, 5120, 6656, 8191,
                       8192, 8193, 11008, 16383, 16384, 16385, 32768, 32769, 65535, 65536, 65537}) {
-    if (!rms_norm_settings_ok(dim)) return false;
+    for (int elem_size : {2, 4}) {
+      for (bool aligned : {false, true}) {
+        for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{100000}}) {
+          const RowLaunch f = rms_norm_fwd_launch_settings(rows, dim, elem_size, aligned);
+          const RowLaunch b = rms_norm_bwd_launch_settings(
+              rows, dim, elem_size, aligned, 132, [](const RowLaunch& shape) {
+                return kMaxThreadsPerSm / (shape.threads_per_row * shape.rows_per_block);
+              });
+          if (!row_launch_ok(f, dim, kFwdMaxThreadsPerRow)) return false;
+          if (!row_launch_ok(b, dim, kBwdMaxThreadsPerRow)) return false;
+          // a block never exceeds the launch bounds of the kernel it runs
+          if (b.threads_per_row * b.rows_per_block > rms_norm_bwd_max_threads(b.vec, b.items))
+            return false;
+          if (f.blocks * f.rows_per_block < rows) return false;
+          if (b.blocks > cdiv(rows, b.rows_per_block)) return false;
+          // Rows up to 8192 wide stay in registers (one read of x).
+          if (dim <= 8192 && f.items == 0) return false;
+        }
+      }
+    }
   }
   return true;
 }
@@ -223,9 +214,7 @@ inline float inv_dim(int64_t dim) {
 
 // fp32 copy of one vector: the form in which the forward keeps its row in registers.
 template <int kVec>
-struct Floats {
-  float v[kVec];
-};
+struct Floats { float v[kVec]; };
 
 // Loads one vector of the row to normalize: x itself, or h = round(x + residual) (fp32 add),
 // which is also stored to h_out unless that is null. Rounding before the norm is the contract
@@ -320,7 +309,7 @@ __global__ void __launch_bounds__(kFwdMaxThreadsPerRow, 1) rms_norm_fwd_kernel(
     }
   } else {
     // Second read of x (and residual: h is recomputed, bit for bit, rather than read back from
-    // h_ptr, because the compiler turned that read into a non-coherent LDG.CONSTANT, which is
+    // h_ptr, because the compiler turns that read into a non-coherent LDG.CONSTANT, which is
     // only valid for memory the kernel does not write).
     for (int col = threadIdx.x * kVec; col < dim; col += blockDim.x * kVec) {
       store_normalized<T, kVec>(
@@ -514,8 +503,8 @@ __global__ void __launch_bounds__(32 * kReduceRows, 1) rms_norm_dw_kernel(
 }
 
 // Host side: calls f(integral_constant<kVec>, integral_constant<kItems>) for the settings'
-// specialization; the launchers and the emulator share this one mapping. kNarrowItems: the
-// backward's one-vector bucket exists (instantiated for the backward only).
+// specialization. kNarrowItems: the backward's one-vector bucket exists (instantiated for the
+// backward only).
 template <typename T, bool kNarrowItems = false, typename F>
 void with_row_specialization(const RowLaunch& s, F&& f) {
   with_vec<T>(s.vec, [&](auto vec) {
@@ -538,6 +527,97 @@ void with_row_specialization(const RowLaunch& s, F&& f) {
     throw std::logic_error("rms_norm: internal error, no kernel for " +
                            std::to_string(s.items) + " items of " + std::to_string(s.vec));
   });
+}
+
+// ------------------------------------------------------------------------------ launch path
+// Operands in aggregate-initialization order: pointers to elements of the run's T (outputs and
+// weight contiguous), row strides in elements; residual and dh may be nullptr (h is then unused).
+// launch: see device_common.cuh.
+struct RmsNormFwdParams {
+  void* y;  // (rows, dim)
+  void* h;  // (rows, dim): round(x + residual)
+  float* rstd;
+  const void *x, *residual, *weight;
+  int64_t rows, dim, stride_x_row, stride_residual_row;
+  float eps;
+};
+// dw_partial: fp32 scratch of (rms_norm_bwd_partial_rows(s), dim), any contents, which the
+// caller allocates between rms_norm_bwd_settings and run_rms_norm_bwd.
+struct RmsNormBwdParams {
+  void *dx, *dweight;
+  float* dw_partial;
+  const void *dy, *x, *weight;
+  const float* rstd;  // the forward's
+  const void* dh;     // gradient reaching h (add_rms_norm's residual stream)
+  int64_t rows, dim, stride_dy_row, stride_x_row, stride_dh_row;
+};
+
+// y (and h), rstd for p, T its dtype; returns the settings it launched (blocks 0: no rows, no
+// launch). The 16-byte path needs every row of every operand 16-byte aligned (and row_vec adds
+// dim % vec == 0). Over 2^31 - 1 blocks: grid_1d throws.
+template <typename T, typename Launch>
+RowLaunch run_rms_norm_fwd(const RmsNormFwdParams& p, Launch&& launch) {
+  if (p.rows == 0) return RowLaunch{};
+  const bool has_residual = p.residual != nullptr;
+  const bool aligned = rows_aligned16({{p.x, p.stride_x_row}, {p.residual, p.stride_residual_row},
+                                       {p.weight, 0}, {p.y, p.dim},
+                                       {has_residual ? p.h : nullptr, p.dim}},
+                                      p.rows, sizeof(T));
+  const RowLaunch s = rms_norm_fwd_launch_settings(p.rows, p.dim, sizeof(T), aligned);
+  const dim3 grid = grid_1d(s.blocks, "x: too many rows", p.rows);
+  with_row_specialization<T>(s, [&](auto vec, auto items) {
+    launch(rms_norm_fwd_kernel<T, decltype(vec)::value, decltype(items)::value>, grid,
+           dim3(s.threads_per_row, s.rows_per_block), size_t{0}, static_cast<T*>(p.y),
+           has_residual ? static_cast<T*>(p.h) : nullptr, p.rstd, static_cast<const T*>(p.x),
+           static_cast<const T*>(p.residual), static_cast<const T*>(p.weight), p.rows,
+           static_cast<int>(p.dim), p.stride_x_row,
+           has_residual ? p.stride_residual_row : int64_t{0}, inv_dim(p.dim), p.eps);
+  });
+  return s;
+}
+
+// The backward's settings for p: the 16-byte path when every row of every operand is 16-byte
+// aligned; occupancy(kernel, block_threads, dynamic_smem_bytes) answers the resident blocks per
+// SM of the specialization each candidate shape would run.
+template <typename T, typename Occupancy>
+RowLaunch rms_norm_bwd_settings(const RmsNormBwdParams& p, int num_sms, Occupancy&& occupancy) {
+  const int es = sizeof(T);
+  const bool aligned = rows_aligned16({{p.x, p.stride_x_row}, {p.dy, p.stride_dy_row},
+                                       {p.dh, p.stride_dh_row}, {p.weight, 0}, {p.dx, p.dim}},
+                                      p.rows, es);
+  return rms_norm_bwd_launch_settings(p.rows, p.dim, es, aligned, num_sms, [&](const RowLaunch& b) {
+    int resident = 0;
+    with_row_specialization<T, true>(b, [&](auto vec, auto items) {
+      resident = occupancy(rms_norm_bwd_kernel<T, decltype(vec)::value, decltype(items)::value>,
+                           b.threads_per_row * b.rows_per_block, size_t{0});
+    });
+    return resident;
+  });
+}
+
+// Rows of p.dw_partial that the backward under settings s writes: one per (block, block row).
+constexpr int64_t rms_norm_bwd_partial_rows(const RowLaunch& s) {
+  return s.blocks * s.rows_per_block;
+}
+
+// dx and dweight for p under s = rms_norm_bwd_settings<T>(p, ...): the backward kernel writes
+// the partials, rms_norm_dw_kernel sums them. Without rows only the sum runs: dweight = 0.
+template <typename T, typename Launch>
+void run_rms_norm_bwd(const RmsNormBwdParams& p, const RowLaunch& s, Launch&& launch) {
+  if (p.rows > 0) {
+    with_row_specialization<T, true>(s, [&](auto vec, auto items) {
+      launch(rms_norm_bwd_kernel<T, decltype(vec)::value, decltype(items)::value>,
+             dim3(static_cast<unsigned>(s.blocks)), dim3(s.threads_per_row, s.rows_per_block),
+             size_t{0}, static_cast<T*>(p.dx), p.dw_partial, static_cast<const T*>(p.dy),
+             static_cast<const T*>(p.x), static_cast<const T*>(p.weight), p.rstd,
+             static_cast<const T*>(p.dh), p.rows, static_cast<int>(p.dim), p.stride_dy_row,
+             p.stride_x_row, p.dh != nullptr ? p.stride_dh_row : int64_t{0}, inv_dim(p.dim));
+    });
+  }
+  launch(rms_norm_dw_kernel<T>, dim3(static_cast<unsigned>(cdiv(p.dim, 32))),
+         dim3(32, kReduceRows), size_t{0}, static_cast<T*>(p.dweight),
+         static_cast<const float*>(p.dw_partial), rms_norm_bwd_partial_rows(s),
+         static_cast<int>(p.dim));
 }
 
 }  // namespace

@@ -61,40 +61,13 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({batch, seqlen, heads, head_dim}, x.options());
-  const int64_t tokens = batch * seqlen;
-  if (out.numel() == 0) return out;
-
-  const int64_t vec16 = 16 / x.element_size();
-  const bool aligned = is_aligned(x.data_ptr(), 16) &&
-                       (batch == 1 || x.stride(0) % vec16 == 0) &&
-                       (seqlen == 1 || x.stride(1) % vec16 == 0) &&
-                       (heads == 1 || x.stride(2) % vec16 == 0) &&
-                       is_aligned(out.data_ptr(), 16);
-  const RotaryLaunch s = rotary_launch_settings(tokens, heads, head_dim, x.element_size(), aligned);
-  TORCH_CHECK(s.blocks <= std::numeric_limits<int>::max(), "x: too many tokens (", tokens, ")");
-  const dim3 grid(static_cast<unsigned>(s.blocks));
-  const dim3 block(s.threads_per_token, s.tokens_per_block);
+  const RotaryParams p{out.data_ptr(), x.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                       has_positions ? positions->data_ptr<int64_t>() : nullptr, batch, seqlen,
+                       heads, head_dim, cos.size(0), x.stride(0), x.stride(1), x.stride(2),
+                       interleaved, conjugate};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  LK_DISPATCH_FLOAT(x.scalar_type(), "rotary_cuda", [&] {
-    auto launch = [&](auto vec, auto interleaved_tag) {
-      rotary_kernel<scalar_t, decltype(vec)::value, decltype(interleaved_tag)::value>
-          <<<grid, block, 0, stream>>>(
-              static_cast<scalar_t*>(out.data_ptr()), static_cast<const scalar_t*>(x.data_ptr()),
-              cos.data_ptr<float>(), sin.data_ptr<float>(),
-              has_positions ? positions->data_ptr<int64_t>() : nullptr, tokens, seqlen,
-              static_cast<int>(heads), static_cast<int>(head_dim), cos.size(0), x.stride(0),
-              x.stride(1), x.stride(2), conjugate);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    auto by_layout = [&](auto vec) {
-      if (interleaved) {
-        launch(vec, std::true_type{});
-      } else {
-        launch(vec, std::false_type{});
-      }
-    };
-    with_vec<scalar_t>(s.vec, by_layout);
-  });
+  LK_DISPATCH_FLOAT(x.scalar_type(), "rotary_cuda",
+                    [&] { run_rotary<scalar_t>(p, stream_launch(stream)); });
   return out;
 }
 

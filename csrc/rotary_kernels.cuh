@@ -5,8 +5,9 @@
 // Pair i of token (b, s) uses table row positions[b, s] (row s without positions):
 // cos/sin[row, i]. fp32 math, each output rounded once; x (B, S, H, D) with unit stride along D
 // and any other strides; the output is contiguous.
-// Kernels and launch settings; the host side (checks, allocation, launch) is rotary.cu.
-// Torch-free: also compiled by g++ against tests/cuda_emulator/emulator.h.
+// Kernel, launch settings and the launch path (run_rotary), torch-free: rotary.cu adds the
+// torch side and CUDA launches; tests/cuda_emulator/rotary_emu.cpp compiles the same code with
+// g++ against tests/cuda_emulator/emulator.h.
 #pragma once
 
 #ifndef LLAMA_KERNELS_EMULATOR
@@ -16,14 +17,11 @@
 #include "device_common.cuh"
 
 namespace llama_kernels {
-// Internal linkage, as before the kernels moved here from rotary.cu: the header is
-// included by that one .cu (and by the emulator's rotary_emu.cpp), and the kernels keep
-// their names.
+// Internal linkage: each translation unit that includes this header (rotary.cu, the emulator's
+// rotary_emu.cpp) gets its own kernel, and the constants below may share names with those of
+// the other kernel headers.
 namespace {
 
-// Kernels declare __launch_bounds__(max threads, 1): without the ", 1" ptxas spilled a register
-// or two (STACK:8) to reach a higher occupancy tier, seen on sm_80 and sm_90 with nvcc 13.0;
-// tests/test_cuda_build.py asserts STACK:0 for every kernel.
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxHalf = kMaxHeadDim / 2;
 // At least 128 threads per block (several tokens per block when a token has little work) so an
@@ -154,6 +152,49 @@ __global__ void __launch_bounds__(kMaxThreadsPerToken, 1) rotary_kernel(
     store_vec<T, kVec>(oh + off_a, floats_to_vec<T, kVec>(oa));
     store_vec<T, kVec>(oh + off_b, floats_to_vec<T, kVec>(ob));
   }
+}
+
+// ------------------------------------------------------------------------------ launch path
+// Operands, in aggregate-initialization order; launch: see device_common.cuh.
+struct RotaryParams {
+  void* out;                  // (batch, seqlen, heads, head_dim) contiguous, elements of T
+  const void* x;              // same shape, the strides below (elements), unit stride along D
+  const float* cos;           // (table_rows, head_dim / 2) contiguous
+  const float* sin;           // like cos
+  const int64_t* positions;   // (batch, seqlen) contiguous, or nullptr: table row s
+  int64_t batch, seqlen, heads, head_dim, table_rows;
+  int64_t stride_x_batch, stride_x_seq, stride_x_head;
+  bool interleaved, conjugate;
+};
+
+// out for p, T its dtype; returns the settings it launched (blocks 0: empty, no launch). The
+// 16-byte path needs x and out 16-byte aligned and x's batch, seq and head strides multiples of
+// 16 bytes (those of size-1 dimensions are never stepped). Over 2^31 - 1 blocks: grid_1d throws.
+template <typename T, typename Launch>
+RotaryLaunch run_rotary(const RotaryParams& p, Launch&& launch) {
+  const int64_t tokens = p.batch * p.seqlen;
+  if (tokens * p.heads * p.head_dim == 0) return RotaryLaunch{};
+  const int64_t vec16 = kVec16<T>;
+  const bool aligned = is_aligned(p.x, 16) && (p.batch == 1 || p.stride_x_batch % vec16 == 0) &&
+                       (p.seqlen == 1 || p.stride_x_seq % vec16 == 0) &&
+                       (p.heads == 1 || p.stride_x_head % vec16 == 0) && is_aligned(p.out, 16);
+  const RotaryLaunch s = rotary_launch_settings(tokens, p.heads, p.head_dim, sizeof(T), aligned);
+  const dim3 grid = grid_1d(s.blocks, "x: too many tokens", tokens);
+  auto run = [&](auto vec, auto interleaved) {
+    launch(rotary_kernel<T, decltype(vec)::value, decltype(interleaved)::value>, grid,
+           dim3(s.threads_per_token, s.tokens_per_block), size_t{0}, static_cast<T*>(p.out),
+           static_cast<const T*>(p.x), p.cos, p.sin, p.positions, tokens, p.seqlen,
+           static_cast<int>(p.heads), static_cast<int>(p.head_dim), p.table_rows,
+           p.stride_x_batch, p.stride_x_seq, p.stride_x_head, p.conjugate);
+  };
+  with_vec<T>(s.vec, [&](auto vec) {
+    if (p.interleaved) {
+      run(vec, std::true_type{});
+    } else {
+      run(vec, std::false_type{});
+    }
+  });
+  return s;
 }
 
 }  // namespace

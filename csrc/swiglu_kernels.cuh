@@ -4,21 +4,19 @@
 // fp32 math, each output rounded once. Inputs are 2-D (rows, cols) views with unit column
 // stride and any row stride (gate and up may be the two halves of one fused projection);
 // outputs are contiguous.
-// Kernels and launch settings; the host side (checks, allocation, launch) is swiglu.cu.
-// Torch-free: also compiled by g++ against tests/cuda_emulator/emulator.h.
+// Kernels, launch settings and the launch path (run_swiglu_fwd, run_swiglu_bwd), torch-free:
+// swiglu.cu adds the torch side and CUDA launches; tests/cuda_emulator/swiglu_emu.cpp compiles
+// the same code with g++ against tests/cuda_emulator/emulator.h.
 #pragma once
 
 #include "device_common.cuh"
 
 namespace llama_kernels {
-// Internal linkage, as before the kernels moved here from swiglu.cu: the header is
-// included by that one .cu (and by the emulator's swiglu_emu.cpp), and the kernels keep
-// their names.
+// Internal linkage: each translation unit that includes this header (swiglu.cu, the emulator's
+// swiglu_emu.cpp) gets its own kernels, and the constants below may share names with those of
+// the other kernel headers.
 namespace {
 
-// Kernels declare __launch_bounds__(max threads, 1): without the ", 1" ptxas spilled a register
-// or two (STACK:8) to reach a higher occupancy tier, seen on sm_80 and sm_90 with nvcc 13.0;
-// tests/test_cuda_build.py asserts STACK:0 for every kernel.
 constexpr int kThreads = 256;
 
 struct ElementwiseLaunch {
@@ -130,6 +128,75 @@ __global__ void __launch_bounds__(kThreads, 1) swiglu_bwd_kernel(
     store_vec<T, kVec>(dgate_ptr + row * cols + col, floats_to_vec<T, kVec>(dg));
     store_vec<T, kVec>(dup_ptr + row * cols + col, floats_to_vec<T, kVec>(du));
   }
+}
+
+// ------------------------------------------------------------------------------ launch path
+// Operands: pointers to elements of the run's T, row strides in elements; launch and occupancy:
+// see device_common.cuh. Outputs are contiguous (row stride cols).
+struct SwigluFwdParams {  // in aggregate-initialization order
+  void* out;
+  const void* gate;
+  const void* up;
+  int64_t rows, cols, stride_gate_row, stride_up_row;
+};
+struct SwigluBwdParams {  // in aggregate-initialization order
+  void* dgate;
+  void* dup;
+  const void* dout;
+  const void* gate;
+  const void* up;
+  int64_t rows, cols, stride_dout_row, stride_gate_row, stride_up_row;
+};
+
+// The launch shared by the forward and the backward, T the dtype: nothing when empty (returns
+// blocks 0); else swiglu_launch_settings, 16-byte vectors when every row of every operand is
+// 16-byte aligned, each candidate width's occupancy that of its kernel_of(integral_constant
+// <vec>); then that kernel on args. Returns the settings it launched.
+template <typename T, typename KernelOf, typename Occupancy, typename Launch, typename... Args>
+ElementwiseLaunch launch_swiglu(int64_t rows, int64_t cols,
+                                std::initializer_list<RowsOperand> operands, int num_sms,
+                                Occupancy& occupancy, Launch& launch, const KernelOf& kernel_of,
+                                const Args&... args) {
+  if (rows * cols == 0) return ElementwiseLaunch{};
+  const bool aligned = rows_aligned16(operands, rows, sizeof(T));
+  const ElementwiseLaunch s =
+      swiglu_launch_settings(rows, cols, sizeof(T), aligned, num_sms, [&](int vec) {
+        int resident = 0;
+        with_vec<T>(vec, [&](auto v) { resident = occupancy(kernel_of(v), kThreads, size_t{0}); });
+        return resident;
+      });
+  with_vec<T>(s.vec, [&](auto v) {
+    launch(kernel_of(v), dim3(static_cast<unsigned>(s.blocks)), dim3(kThreads), size_t{0},
+           args...);
+  });
+  return s;
+}
+
+// out for p on num_sms SMs; returns the settings it launched (blocks 0: empty, no launch).
+template <typename T, typename Occupancy, typename Launch>
+ElementwiseLaunch run_swiglu_fwd(const SwigluFwdParams& p, int num_sms, Occupancy&& occupancy,
+                                 Launch&& launch) {
+  return launch_swiglu<T>(
+      p.rows, p.cols, {{p.gate, p.stride_gate_row}, {p.up, p.stride_up_row}, {p.out, p.cols}},
+      num_sms, occupancy, launch,
+      [](auto vec) { return swiglu_fwd_kernel<T, decltype(vec)::value>; }, static_cast<T*>(p.out),
+      static_cast<const T*>(p.gate), static_cast<const T*>(p.up), p.rows, p.cols,
+      p.stride_gate_row, p.stride_up_row);
+}
+
+// dgate and dup for p, as run_swiglu_fwd.
+template <typename T, typename Occupancy, typename Launch>
+ElementwiseLaunch run_swiglu_bwd(const SwigluBwdParams& p, int num_sms, Occupancy&& occupancy,
+                                 Launch&& launch) {
+  return launch_swiglu<T>(
+      p.rows, p.cols,
+      {{p.dout, p.stride_dout_row}, {p.gate, p.stride_gate_row}, {p.up, p.stride_up_row},
+       {p.dgate, p.cols}, {p.dup, p.cols}},
+      num_sms, occupancy, launch,
+      [](auto vec) { return swiglu_bwd_kernel<T, decltype(vec)::value>; },
+      static_cast<T*>(p.dgate), static_cast<T*>(p.dup), static_cast<const T*>(p.dout),
+      static_cast<const T*>(p.gate), static_cast<const T*>(p.up), p.rows, p.cols,
+      p.stride_dout_row, p.stride_gate_row, p.stride_up_row);
 }
 
 }  // namespace

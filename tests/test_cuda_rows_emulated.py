@@ -1,6 +1,7 @@
 """The CUDA row kernels (csrc/swiglu_kernels.cuh, rms_norm_kernels.cuh, rotary_kernels.cuh) run
-on the host emulator (tests/cuda_emulator), through the launch path of their host files: the
-same alignment tests, launch-settings functions and specializations, an 8-SM GPU by default.
+on the host emulator (tests/cuda_emulator), through the headers' launch paths (their run_*
+functions: alignment tests, launch settings, specializations, grids), the code that the .cu
+files call too, on an 8-SM GPU by default.
 
 What this proves without a GPU: the index arithmetic (SwiGLU's grid-stride walk, the RMSNorm
 row/block layout and its wide-row path, rotary's units and table staging), the scalar and the
@@ -8,14 +9,19 @@ row/block layout and its wide-row path, rotary's units and table staging), the s
 barriers (shuffles and __syncthreads are emulated collectives; a few random schedules must give
 bitwise-equal results), the dw partials (NaN until written) and their fixed-order sum, bounds
 (every vector load/store is checked against the tensors' spans; outputs sit between NaN guard
-bands), all against reference.py with helpers.assert_close (twice eager's error, STYLE.md rule
-8). What it cannot prove: timing, occupancy, the real intrinsics' last-ulp behaviour (rsqrtf
-and expf are exact here), and wasted work: an elementwise walk that visits some vectors twice
-but skips none writes the right values (SwiGLU's walk without its `++row` on a wrap passes);
-tests/test_ops.py runs the built kernels on a GPU.
+bands), all against reference.py with helpers.assert_close (within twice eager's error), and the
+alignment rule itself: which operands, offsets and row strides take the 16-byte path (the
+emulator faults on a misaligned vector access) and that every other layout takes the scalar path
+and still gives the right answer; grids too large for one launch are refused. What it cannot
+prove: timing, occupancy, the real intrinsics' last-ulp behaviour (rsqrtf and expf are exact
+here), and wasted work: an elementwise walk that visits some vectors twice but skips none writes
+the right values (SwiGLU's walk without its `++row` on a wrap passes); tests/test_ops.py runs
+the built kernels on a GPU.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -179,7 +185,7 @@ def test_rms_norm(dtype, rows, dim, layout):
     _check_rms_norm(x, res, w, layout)
 
 
-# One row each, chosen so that together they reach every specialization family the host files
+# One row each, chosen so that together they reach every specialization family the launch paths
 # can pick: (vectors?, items) with items in registers, 0 = wide rows. Forward: 4 / 8 / 16
 # (scalar only); backward: one vector per thread (rows of up to 1024 vectors), 8 vectors, and
 # the scalar 4 / 8 / 16.
@@ -275,6 +281,254 @@ def test_rotary_position_out_of_table():
     cos, sin = ref.rotary_tables(4, 8)
     with pytest.raises(emu.EmulatorError, match="CUDA_KERNEL_ASSERT"):
         emu.rotary(x, cos, sin, torch.tensor([[0, 4]]))
+
+
+# ------------------------------------------------------------------------ the alignment rule
+# Each case moves one operand off 16-byte alignment (an element offset) or gives it a row stride
+# that is not a multiple of 16 bytes, and names the launches that must still take the 16-byte
+# path: only those whose operands are all aligned. The emulator faults on a misaligned vector
+# access, so a rule that missed an operand fails the call; padding reads as NaN, so a scalar
+# path that read it fails the comparison.
+
+_PAD16 = 8  # a row padding of 8 elements keeps rows 16-byte aligned in every dtype
+
+
+def _placed(t: torch.Tensor, offset: int = 0, pad: int = 0) -> torch.Tensor:
+    """A copy of the 2-D t starting `offset` elements into a 16-byte-aligned NaN buffer, with row
+    stride t.shape[1] + pad (NaN padding between the rows)."""
+    rows, cols = t.shape
+    stride = cols + pad
+    buf = torch.full((offset + rows * stride + 16,), float("nan"), dtype=t.dtype)
+    assert buf.data_ptr() % 16 == 0
+    view = buf[offset:offset + rows * stride].view(rows, stride)[:, :cols]
+    view.copy_(t)
+    return view
+
+
+def _layout(tensors: dict, where: dict) -> dict:
+    """tensors with each one named in `where` ({name: (offset, pad)}) re-placed; 1-D ones as
+    one row."""
+    out = dict(tensors)
+    for name, (offset, pad) in where.items():
+        t = tensors[name]
+        out[name] = _placed(t, offset, pad) if t.dim() == 2 else _placed(t[None], offset, pad)[0]
+    return out
+
+
+# (id, rows, {operand: (offset, pad)}, 16-byte path expected for (forward, add + forward,
+# backward, backward with dh)).
+RMS_ALIGN_CASES = [
+    ("aligned", 5, {}, (True, True, True, True)),
+    ("rows-padded-16B", 5, {n: (0, _PAD16) for n in ("x", "residual", "dy", "dh")},
+     (True, True, True, True)),
+    ("x-offset", 5, {"x": (1, 0)}, (False, False, False, False)),
+    ("x-odd-stride", 5, {"x": (0, 1)}, (False, False, False, False)),
+    ("one-row-odd-strides", 1, {n: (0, 1) for n in ("x", "residual", "dy", "dh")},
+     (True, True, True, True)),
+    ("residual-odd-stride", 5, {"residual": (0, 1)}, (True, False, True, True)),
+    ("weight-offset", 5, {"weight": (1, 0)}, (False, False, False, False)),
+    ("dy-offset", 5, {"dy": (1, 0)}, (True, True, False, False)),
+    ("dh-odd-stride", 5, {"dh": (0, 1)}, (True, True, True, False)),
+]
+
+
+@pytest.mark.parametrize("case", RMS_ALIGN_CASES, ids=[c[0] for c in RMS_ALIGN_CASES])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+def test_rms_norm_alignment_rule(dtype, case):
+    _, rows, where, want = case
+    dim = 256
+    gen = torch.Generator().manual_seed(rows)
+    base = {n: torch.randn(rows, dim, generator=gen).to(dtype) for n in ("x", "residual", "dy",
+                                                                         "dh")}
+    base["weight"] = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype)
+    t = _layout(base, where)
+    x, res, w, dy, dh = t["x"], t["residual"], t["weight"], t["dy"], t["dh"]
+    launches = [{} for _ in range(4)]
+
+    y, rstd = emu.rms_norm_fwd(x, w, EPS, launch=launches[0])
+    assert_close(y, ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS, upcast=False))
+    y2, h, _ = emu.rms_norm_fwd(x, w, EPS, residual=res, launch=launches[1])
+    assert torch.equal(h, (x.float() + res.float()).to(dtype)), "h"
+    assert_close(y2, ref.rms_norm(h.float(), w.float(), EPS), ref.rms_norm(h, w, EPS, upcast=False),
+                 "y (add)")
+    e_dx, e_dw = _eager_grads(lambda a, b: ref.rms_norm(a, b, EPS, upcast=False), (x, w), dy)
+    for i, grad_h in ((2, None), (3, dh)):
+        dx, dw = emu.rms_norm_bwd(dy, x, w, rstd, grad_h, launch=launches[i])
+        r_dx, r_dw = ref.rms_norm_backward(dy.float(), x.float(), w.float(), rstd,
+                                           None if grad_h is None else grad_h.float())
+        assert_close(dx, r_dx, e_dx if grad_h is None else e_dx + grad_h, f"dx ({i})")
+        assert_close(dw, r_dw, e_dw, f"dweight ({i})")
+    got = tuple(launch["vec"] == _vec16(dtype) for launch in launches)
+    assert got == want, f"16-byte path (fwd, add, bwd, bwd+dh): {got}, expected {want}"
+    assert all(launch["vec"] in (1, _vec16(dtype)) for launch in launches)
+
+
+# (id, rows, {operand: (offset, pad)}, 16-byte path expected for (forward, backward)).
+SWIGLU_ALIGN_CASES = [
+    ("aligned", 6, {}, (True, True)),
+    ("rows-padded-16B", 6, {n: (0, _PAD16) for n in ("gate", "up", "dout")}, (True, True)),
+    ("gate-odd-stride", 6, {"gate": (0, 1)}, (False, False)),
+    ("up-offset", 6, {"up": (1, 0)}, (False, False)),
+    ("dout-odd-stride", 6, {"dout": (0, 1)}, (True, False)),
+    ("one-row-odd-strides", 1, {n: (0, 1) for n in ("gate", "up", "dout")}, (True, True)),
+]
+
+
+@pytest.mark.parametrize("case", SWIGLU_ALIGN_CASES, ids=[c[0] for c in SWIGLU_ALIGN_CASES])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_swiglu_alignment_rule(dtype, case):
+    _, rows, where, want = case
+    gen = torch.Generator().manual_seed(rows)
+    base = {n: torch.randn(rows, 96, generator=gen).to(dtype) for n in ("gate", "up", "dout")}
+    t = _layout(base, where)
+    gate, up, dout = t["gate"], t["up"], t["dout"]
+    fwd, bwd = {}, {}
+    out = emu.swiglu_fwd(gate, up, launch=fwd)
+    assert_close(out, ref.swiglu(gate.float(), up.float()), ref.swiglu(gate, up, upcast=False))
+    dgate, dup = emu.swiglu_bwd(dout, gate, up, launch=bwd)
+    r_dgate, r_dup = ref.swiglu_backward(dout.float(), gate.float(), up.float())
+    e_dgate, e_dup = _eager_grads(lambda g, u: ref.swiglu(g, u, upcast=False), (gate, up), dout)
+    assert_close(dgate, r_dgate, e_dgate, "dgate")
+    assert_close(dup, r_dup, e_dup, "dup")
+    got = (fwd["vec"] == _vec16(dtype), bwd["vec"] == _vec16(dtype))
+    assert got == want, f"16-byte path (fwd, bwd): {got}, expected {want}"
+
+
+# x (B, S, H, D) as a view of a larger buffer: (id, element offset, (batch, seq, head) strides,
+# shape, 16-byte path expected). Strides 504, 160, 72 are multiples of 16 bytes in every dtype
+# (the layout of rows padded by 8 elements); a stride is only stepped where its dimension has
+# more than one entry.
+ROTARY_ALIGN_CASES = [
+    ("padded-aligned", 0, (504, 160, 72), (2, 3, 2, 64), True),
+    ("contiguous", 0, (384, 128, 64), (2, 3, 2, 64), True),
+    ("offset", 1, (504, 160, 72), (2, 3, 2, 64), False),
+    ("odd-head-stride", 0, (504, 160, 73), (2, 3, 2, 64), False),
+    ("odd-seq-stride", 0, (504, 161, 72), (2, 3, 2, 64), False),
+    ("odd-batch-stride", 0, (505, 160, 72), (2, 3, 2, 64), False),
+    ("one-head-odd-head-stride", 0, (504, 160, 73), (2, 3, 1, 64), True),
+    ("one-position-odd-seq-stride", 0, (504, 161, 72), (2, 1, 2, 64), True),
+    ("one-sequence-odd-batch-stride", 0, (505, 160, 72), (1, 3, 2, 64), True),
+]
+
+
+@pytest.mark.parametrize("case", ROTARY_ALIGN_CASES, ids=[c[0] for c in ROTARY_ALIGN_CASES])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+def test_rotary_alignment_rule(dtype, case):
+    _, offset, strides, (b, s, h, d), want = case
+    buf = torch.full((offset + b * strides[0] + 16,), float("nan"), dtype=dtype)
+    x = buf.as_strided((b, s, h, d), (*strides, 1), offset)
+    x.copy_(torch.randn(b, s, h, d, generator=torch.Generator().manual_seed(d)))
+    cos, sin = ref.rotary_tables(s + 2, d)
+    launch = {}
+    for interleaved in (False, True):
+        out = emu.rotary(x, cos, sin, None, interleaved, launch=launch)
+        kw = dict(interleaved=interleaved)
+        assert_close(out, ref.apply_rotary(x.float(), cos, sin, **kw),
+                     ref.apply_rotary(x, cos, sin, upcast=False, **kw), f"{kw}")
+        assert (launch["vec"] == _vec16(dtype)) == want, launch
+
+
+# Outputs: the wrappers allocate them aligned, so these call the entry points with an output one
+# element off alignment; the launch must take the scalar path for it (else the emulator faults).
+
+def _misaligned_output(shape, dtype) -> torch.Tensor:
+    n = 1
+    for size in shape:
+        n *= size
+    buf = torch.full((n + 64,), float("nan"), dtype=dtype)
+    return buf[1:1 + n].view(shape)
+
+
+def _info(n):
+    return (ctypes.c_int64 * n)()
+
+
+def test_misaligned_outputs_take_the_scalar_path():
+    lib = emu._rows_lib()
+    dtype = torch.bfloat16
+    code = emu._ROW_DTYPE_CODE[dtype]
+    x, res, w = _rms_inputs(3, 64, dtype, "contig", seed=3)
+
+    y = _misaligned_output(x.shape, dtype)
+    rstd = torch.empty(3)
+    info = _info(5)
+    emu._invoke(lib, lib.rms_norm_fwd_emu,
+                (code, y.data_ptr(), None, rstd.data_ptr(), x.data_ptr(), None, w.data_ptr(), 3,
+                 64, x.stride(0), 0, EPS, info), 0, tensors=(x, w, y, rstd))
+    assert info[0] == 1, "rms_norm forward: misaligned y"
+    assert_close(y, ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS, upcast=False))
+
+    h = _misaligned_output(x.shape, dtype)
+    y2 = torch.empty_like(x)
+    emu._invoke(lib, lib.rms_norm_fwd_emu,
+                (code, y2.data_ptr(), h.data_ptr(), rstd.data_ptr(), x.data_ptr(), res.data_ptr(),
+                 w.data_ptr(), 3, 64, x.stride(0), res.stride(0), EPS, info), 0,
+                tensors=(x, res, w, y2, h, rstd))
+    assert info[0] == 1, "add_rms_norm forward: misaligned h"
+    assert torch.equal(h, (x.float() + res.float()).to(dtype))
+
+    dx = _misaligned_output(x.shape, dtype)
+    dw = torch.empty_like(w)
+    emu._invoke(lib, lib.rms_norm_bwd_emu,
+                (code, dx.data_ptr(), dw.data_ptr(), res.data_ptr(), x.data_ptr(), w.data_ptr(),
+                 rstd.data_ptr(), None, 3, 64, res.stride(0), x.stride(0), 0, 8, 0, info), 0,
+                tensors=(dx, dw, res, x, w, rstd))
+    assert info[0] == 1, "rms_norm backward: misaligned dx"
+    r_dx, r_dw = ref.rms_norm_backward(res.float(), x.float(), w.float(), rstd)
+    e_dx, e_dw = _eager_grads(lambda a, b: ref.rms_norm(a, b, EPS, upcast=False), (x, w), res)
+    assert_close(dx, r_dx, e_dx, "dx")
+    assert_close(dw, r_dw, e_dw, "dweight")
+
+    out = _misaligned_output(x.shape, dtype)
+    emu._invoke(lib, lib.swiglu_fwd_emu,
+                (code, out.data_ptr(), x.data_ptr(), res.data_ptr(), 3, 64, x.stride(0),
+                 res.stride(0), 8, 0, info), 0, tensors=(out, x, res))
+    assert info[0] == 1, "swiglu forward: misaligned out"
+    assert_close(out, ref.swiglu(x.float(), res.float()), ref.swiglu(x, res, upcast=False))
+
+    xr = x.view(1, 3, 1, 64)
+    cos, sin = ref.rotary_tables(3, 64)
+    out = _misaligned_output(xr.shape, dtype)
+    emu._invoke(lib, lib.rotary_emu,
+                (code, out.data_ptr(), xr.data_ptr(), cos.data_ptr(), sin.data_ptr(), None, 1, 3,
+                 1, 64, 3, *xr.stride()[:3], 0, 0, info), 0, tensors=(out, xr, cos, sin))
+    assert info[0] == 1, "rotary: misaligned out"
+    assert_close(out, ref.apply_rotary(xr.float(), cos, sin),
+                 ref.apply_rotary(xr, cos, sin, upcast=False))
+
+
+def test_too_many_blocks_is_refused_before_any_launch():
+    """A grid over 2**31 - 1 blocks is refused with the .cu files' message before anything runs
+    (the pointers are never read)."""
+    lib = emu._rows_lib()
+    t = torch.zeros(16)
+    p = t.data_ptr()
+    rows = 2**33  # 4 one-warp rows per block: 2**31 blocks
+    with pytest.raises(emu.EmulatorError, match=rf"^x: too many rows \({rows}\)$"):
+        emu._invoke(lib, lib.rms_norm_fwd_emu,
+                    (2, p, None, p, p, None, p, rows, 1, 1, 0, EPS, _info(5)), 0)
+    with pytest.raises(emu.EmulatorError, match=rf"^x: too many tokens \({rows}\)$"):
+        emu._invoke(lib, lib.rotary_emu,
+                    (2, p, p, p, p, None, rows, 1, 1, 2, 1, 2, 2, 2, 0, 0, _info(4)), 0)
+
+
+def test_empty_inputs_launch_nothing_but_the_dw_sum():
+    """No rows: no launch (settings all 0), and the RMSNorm backward's dweight is the sum over no
+    partials, 0."""
+    x = torch.empty(0, 40)
+    w = torch.ones(40)
+    launch = {}
+    y, rstd = emu.rms_norm_fwd(x, w, EPS, launch=launch)
+    assert y.shape == (0, 40) and rstd.shape == (0,) and launch["blocks"] == 0
+    dx, dw = emu.rms_norm_bwd(x, x, w, rstd, launch=launch)
+    assert dx.shape == (0, 40) and launch["blocks"] == 0
+    assert torch.equal(dw, torch.zeros(40))
+    assert emu.swiglu_fwd(x, x, launch=launch).shape == (0, 40) and launch["blocks"] == 0
+    assert emu.rotary(x.view(0, 1, 1, 40), *ref.rotary_tables(1, 40), launch=launch).numel() == 0
+    assert launch["blocks"] == 0
 
 
 # ------------------------------------------------------------------------------------- fuzzing

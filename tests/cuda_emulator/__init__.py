@@ -9,8 +9,8 @@ against tests/cuda_emulator/emulator.h, an emulation of csrc/tensor_core.cuh.
                                                                                -> (dq, dk, dv)
 
 The row ops (csrc/swiglu_kernels.cuh, rms_norm_kernels.cuh, rotary_kernels.cuh), each through
-its host file's launch path (swiglu_emu.cpp, rms_norm_emu.cpp, rotary_emu.cpp), on CPU fp32 /
-fp16 / bf16 tensors:
+its header's launch path (the run_* functions that the .cu files call too; the entry points are
+swiglu_emu.cpp, rms_norm_emu.cpp, rotary_emu.cpp), on CPU fp32 / fp16 / bf16 tensors:
 
     swiglu_fwd(gate, up)                         -> out
     swiglu_bwd(dout, gate, up)                   -> (dgate, dup)
@@ -19,10 +19,11 @@ fp16 / bf16 tensors:
     rotary(x, cos, sin, positions=None, interleaved=False, conjugate=False) -> out
 
 Each takes schedule_seed= as the attention wrappers do, and launch=: a dict that receives the
-launch settings the host file would have used (vec, blocks, ...), so that a test can assert
-which path (scalar or 16-byte vectors, register items or wide rows) it ran. SwiGLU and the
-RMSNorm backward size their grids by the SM count and occupancy: num_sms (default 8, a small
-GPU) and blocks_per_sm (None: full occupancy by threads) stand in for the driver's answers.
+launch settings the launch path used (vec, blocks, ...; all 0 where it launched nothing), so
+that a test can assert which path (scalar or 16-byte vectors, register items or wide rows) ran.
+SwiGLU and the RMSNorm backward size their grids by the SM count and occupancy: num_sms
+(default 8, a small GPU) and blocks_per_sm (None: full occupancy by threads) stand in for the
+driver's answers.
 Outputs sit between NaN guard bands; every load_vec / store_vec is checked against the spans of
 the tensors passed (emulator.h, check_global_access).
 
@@ -69,7 +70,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(REPO, "csrc")
 # -fno-strict-aliasing: CUDA code reinterprets registers freely (device_common.cuh packs a
 # Vec<__nv_bfloat16, 8> through __nv_bfloat162 pointers), which nvcc honours; g++ -O2 under
-# strict aliasing dropped those stores (SwiGLU's bf16 vector path returned zeros).
+# strict aliasing drops those stores (SwiGLU's bf16 vector path then returns zeros).
 FLAGS = ["-std=c++17", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
 HEAD_DIMS = (64, 128)
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
@@ -498,7 +499,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
                  dh: torch.Tensor | None = None, *, num_sms: int = 8,
                  blocks_per_sm: int | None = None, launch: dict | None = None,
                  schedule_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dweight): the backward kernel's fp32 partials summed by rms_norm_dw_kernel."""
+    """(dx, dweight): the backward kernel's fp32 partials summed by rms_norm_dw_kernel (no rows:
+    dweight = 0, written by that sum)."""
     seed = _seed(schedule_seed)
     code = _row_dtype(x)
     _check_rows(x, "x", x.dtype)
@@ -511,8 +513,6 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
         _check_rows(dh, "dh", x.dtype, x.shape)
     dx = _Guarded(x.shape, x.dtype, _ROW_BAND)
     dweight = _Guarded((dim,), x.dtype, _ROW_BAND)
-    if rows == 0:
-        dweight.view.zero_()
     info = (_L * 5)()
     lib = _rows_lib()
     inputs = (dy, x, weight, rstd) + (() if dh is None else (dh,))
