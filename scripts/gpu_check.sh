@@ -95,7 +95,7 @@ fi
 ARCH=${LLAMA_KERNELS_CUDA_ARCH:-$("$PY" -c "import torch
 c = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
 print('%d.%d' % c + ('a' if c == (9, 0) else ''))" 2>/dev/null || echo 9.0a)}
-step build 120 env LLAMA_KERNELS_CUDA_ARCH="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
+step build 90 env LLAMA_KERNELS_CUDA_ARCH="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
   "$PY" setup.py build_ext --inplace
 
 # pytest-xdist, where installed, spreads tests over 12 processes: Triton's JIT compiles dominate,
@@ -118,7 +118,7 @@ step bench 120 "$PY" -m benchmarks --quick --no-plots --out "$LOGS/bench"
 
 # The attention tuning sweep (candidates that compile without spills, ranked, cut to fit).
 if [ -f benchmarks/tune.py ]; then
-  step tune 60 "$PY" -m benchmarks.tune --budget-s 55 --out "$LOGS/tune"
+  step tune 90 "$PY" -m benchmarks.tune --budget-s 80 --out "$LOGS/tune"
 else
   [ "$DRY_RUN" = 1 ] && echo "tune        (benchmarks/tune.py not present: no step)"
 fi

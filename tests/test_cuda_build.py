@@ -11,7 +11,8 @@
   accumulators), read their operands with ldmatrix (LDSM) and stage tiles with cp.async
   (LDGSTS), on both architectures.
 Correctness against the reference is tests/test_ops.py's job (it runs every backend on a GPU).
-The launch-settings heuristics are proven at build time by static_asserts in each .cu file.
+The launch-settings heuristics are proven at build time by static_asserts in the kernel headers
+(csrc/*_settings.cuh, csrc/*_kernels.cuh), which the emulator builds compile too.
 """
 
 from __future__ import annotations

@@ -16,11 +16,22 @@ sm_90 (and checks for register spills) is what runs there.
         counting only the s that shorten the longest split (ceil(blocks / s) < ceil(blocks /
         (s - 1))).
     DECODE_MAX_SEQLEN_Q: up to this many queries the forward takes the split-KV decode path.
+
+Tuned settings: ``attention_tuned.json`` beside this file maps a GPU capability ("9.0") and a
+head_dim ("128") to measured winners, ``{kernel: [block_m, block_n, num_warps, num_stages]}``,
+written by ``python -m benchmarks.tune --winners tune.json`` from a GPU run's timings. An entry
+replaces the rules below for 16-bit inputs on exactly that capability and head_dim (decode
+keeps its rows-sized block_m); everything else falls back to the rules. The table is data,
+and what it names is compiled ahead of time like the rules' choices (flash_attention.AOT_CASES),
+so an entry that spills fails the same test.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -51,6 +62,34 @@ class AttentionLaunch(NamedTuple):
 
 
 KERNELS = ("fwd", "decode", "combine", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+TUNED_KERNELS = ("fwd", "decode", "bwd_dkdv", "bwd_dq")
+TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table() -> dict:
+    """The measured winners in TUNED_PATH: {capability: {head_dim: {kernel: AttentionLaunch}}}
+    (see the module docstring); an absent file is an empty table. Read once per process."""
+    path = TUNED_PATH
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        raw = json.load(f)
+    table = {}
+    for cap, by_dim in raw.items():
+        for dim, by_kernel in by_dim.items():
+            for kernel, values in by_kernel.items():
+                if kernel not in TUNED_KERNELS or len(values) != 4:
+                    raise ValueError(f"{path}: {cap}/{dim}/{kernel}: expected a kernel of "
+                                     f"{TUNED_KERNELS} and [block_m, block_n, warps, stages], "
+                                     f"got {values!r}")
+                table.setdefault(cap, {}).setdefault(int(dim), {})[kernel] = \
+                    AttentionLaunch(*(int(v) for v in values))
+    return table
+
+
+def _tuned(kernel: str, head_dim: int, arch: tuple[int, int]) -> AttentionLaunch | None:
+    return tuned_table().get(f"{arch[0]}.{arch[1]}", {}).get(head_dim, {}).get(kernel)
 
 
 def attention_launch_settings(kernel: str, head_dim: int, arch: tuple[int, int] | None, *,
@@ -130,6 +169,9 @@ def attention_launch_settings(kernel: str, head_dim: int, arch: tuple[int, int] 
             cfg = AttentionLaunch(128, 64, 8, 3) if sm90 else AttentionLaunch(128, 32, 8, 3)
         else:
             cfg = AttentionLaunch(64, 64, 8, 3 if sm90 else 2)
+    tuned = _tuned(kernel, d, arch) if elem_bytes == 2 else None
+    if tuned is not None:
+        return tuned._replace(block_m=cfg.block_m) if kernel == "decode" else tuned
     if elem_bytes > 2 and kernel in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
         # fp32 tiles take twice the shared memory and registers (and run on FMA units with
         # input_precision="ieee"): halve both tile sides (at most 32) and keep two stages,
