@@ -94,6 +94,21 @@ inline int num_sms(int device) {
   return n;
 }
 
+// The most dynamic shared memory one block may opt in to on a device
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin): queried once per device index, as num_sms.
+inline size_t max_smem_per_block_optin(int device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS,
+              "max_smem_per_block_optin: invalid device index ", device);
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return static_cast<size_t>(n);
+}
+
 // cudaOccupancyMaxActiveBlocksPerMultiprocessor(kernel, block_threads, dynamic_smem) on
 // `device` (whichever device is current), queried once per key. A failed query throws and
 // caches nothing.

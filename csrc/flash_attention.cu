@@ -107,11 +107,24 @@ void allow_dynamic_smem(const void* kernel, size_t smem, int device) {
   done.insert({kernel, smem, device});
 }
 
+// Refuses, before any launch, a launch sequence (`run`: a dry run of run_forward or
+// run_backward, as first_over_smem_limit takes it) with a kernel whose shared memory is over
+// the device's opt-in limit per block, which the launch itself would fail with an opaque error.
+template <typename Run>
+void check_smem_fits(int device, int head_dim, Run&& run) {
+  const size_t limit = max_smem_per_block_optin(device);
+  const attention::SmemNeed over = attention::first_over_smem_limit(limit, run);
+  TORCH_CHECK(over.kernel == nullptr, "flash attention (head_dim ", head_dim, "): ",
+              over.kernel, " needs ", over.bytes, " bytes of shared memory per block, but device ",
+              device, " allows at most ", limit, " (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
+}
+
 // The launch every attention kernel goes through (run_forward / run_backward call it): opt in
 // to more than 48 KiB of dynamic shared memory where the tile needs it, launch, check. The
 // caller holds a guard for the tensors' device.
 auto launcher(cudaStream_t stream, int device) {
-  return [stream, device](auto kernel, dim3 grid, dim3 block, size_t smem, const AttnParams& p) {
+  return [stream, device](const char*, auto kernel, dim3 grid, dim3 block, size_t smem,
+                          const AttnParams& p) {
     if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, device);
     kernel<<<grid, block, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -143,7 +156,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half(q.scalar_type(), [&](auto t) {
-    attention::run_forward<decltype(t)>(p, q.size(3), launcher(stream, q.get_device()));
+    using T = decltype(t);
+    const int d = q.size(3), device = q.get_device();
+    check_smem_fits(device, d, [&](auto&& dry) { attention::run_forward<T>(p, d, dry); });
+    attention::run_forward<T>(p, d, launcher(stream, device));
   });
   return {out, lse};
 }
@@ -186,7 +202,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   p.lse = lse.data_ptr<float>(), p.delta = delta.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half(q.scalar_type(), [&](auto t) {
-    attention::run_backward<decltype(t)>(p, q.size(3), launcher(stream, q.get_device()));
+    using T = decltype(t);
+    const int d = q.size(3), device = q.get_device();
+    check_smem_fits(device, d, [&](auto&& dry) { attention::run_backward<T>(p, d, dry); });
+    attention::run_backward<T>(p, d, launcher(stream, device));
   });
   return {dq, dk, dv};
 }

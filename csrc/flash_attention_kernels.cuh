@@ -11,8 +11,10 @@
 // CUDA; tests/cuda_emulator runs the very same source on the host against an emulation of
 // tensor_core.cuh. Every launch decision is made here, in run_forward / run_backward, so both
 // callers launch identically. The launch interface each caller provides:
-// launch(kernel, grid, block, smem_bytes, params) runs `kernel` (a `void (*)(AttnParams)`
-// __global__ function) and checks the launch.
+// launch(name, kernel, grid, block, smem_bytes, params) runs `kernel` (a `void (*)(AttnParams)`
+// __global__ function, `name` its name for messages) and checks the launch. Before launching,
+// the callers check every launch's shared memory against the device's per-block limit with
+// first_over_smem_limit, so that a launch sequence that cannot run starts none of its kernels.
 //   template <typename T, typename Launch>
 //   void run_forward(const AttnParams& p, int head_dim, Launch&& launch);   // writes o, lse
 //   template <typename T, typename Launch>
@@ -29,6 +31,7 @@
 #include "flash_decode_kernels.cuh"
 #include "flash_fwd_kernels.cuh"
 
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 
@@ -49,7 +52,8 @@ namespace attention {
 //   dK/dV    64 keys (4 warps) x 64-query steps at d64 (49 KiB); 32-query steps at d128
 //            (64.5 KiB), where 64-query steps need all 255 registers (no spill, no headroom).
 //   dQ       64 queries (4 warps) x 64-key steps (d64 49 KiB, d128 97 KiB).
-//   decode   DecodeTile: 16 packed query rows x 64-key stages, 4 warps (d64 34 KiB, d128 68 KiB).
+//   decode   DecodeTile: 16, 32 or 64 packed query rows (1, 2 or 4 m16 tiles, each on 4, 2 or
+//            1 warps) x 64-key stages, 4 warps (d64 34 / 36 / 40 KiB, d128 68 / 72 / 80 KiB).
 template <int D>
 struct AttentionLaunch;
 template <>
@@ -66,12 +70,14 @@ struct AttentionLaunch<128> {
 };
 
 // Key splits for a decode launch: 0 (use the prefill kernel) unless every query head of a kv
-// group and its queries fit one m16 tile; else enough splits for two blocks per SM, but at
-// least 4 stages (256 keys) per split, and no empty split.
+// group and its queries fit kDecodeMaxRows packed rows (4 m16 tiles); else enough splits for
+// two blocks per SM, but at least 4 stages (256 keys) per split, and no empty split. A block
+// costs the same 4 warps and K/V stages whatever its row tiles, so the split count does not
+// depend on them.
 inline int decode_splits(const AttnParams& p, int num_sms) {
   const int group = p.heads_q / p.heads_kv;
   const int stages = ceil_div(p.seqlen_k, 64);
-  if (int64_t(group) * p.seqlen_q > kDecodeRows || stages == 0) return 0;
+  if (int64_t(group) * p.seqlen_q > kDecodeMaxRows || stages == 0) return 0;
   const int64_t blocks = int64_t(p.batch) * p.heads_kv;
   int64_t splits = (2 * int64_t(num_sms) + blocks - 1) / blocks;
   const int64_t most = ceil_div(stages, 4);
@@ -98,16 +104,26 @@ void run_forward(const AttnParams& p, int head_dim, Launch&& launch) {
     using Tile = typename decltype(config)::Fwd;
     if (p.num_splits == 0) {
       const dim3 grid(ceil_div(p.seqlen_q, Tile::BLOCK_M), p.heads_q, p.batch);
-      launch(flash_fwd_kernel<T, Tile>, grid, dim3(Tile::THREADS), Tile::SMEM_BYTES, p);
+      launch("flash_fwd_kernel", flash_fwd_kernel<T, Tile>, grid, dim3(Tile::THREADS),
+             Tile::SMEM_BYTES, p);
       return;
     }
-    using Decode = DecodeTile<Tile::D>;
-    launch(flash_decode_kernel<T, Decode>, dim3(p.num_splits, p.heads_kv, p.batch),
-           dim3(Decode::THREADS), Decode::SMEM_BYTES, p);
+    auto decode = [&](auto tile) {
+      using Decode = decltype(tile);
+      launch("flash_decode_kernel", flash_decode_kernel<T, Decode>,
+             dim3(p.num_splits, p.heads_kv, p.batch), dim3(Decode::THREADS), Decode::SMEM_BYTES,
+             p);
+    };
+    // The fewest m16 tiles that hold the packed rows (decode_splits admits at most 4).
+    switch (decode_row_tiles(int64_t(p.heads_q / p.heads_kv) * p.seqlen_q)) {
+      case 1: decode(DecodeTile<Tile::D, 1>{}); break;
+      case 2: decode(DecodeTile<Tile::D, 2>{}); break;
+      default: decode(DecodeTile<Tile::D, 4>{}); break;
+    }
     if (p.num_splits > 1) {
       const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
-      launch(flash_decode_combine_kernel<T, Tile::D>, dim3(unsigned((rows + 7) / 8)), dim3(256),
-             0, p);
+      launch("flash_decode_combine_kernel", flash_decode_combine_kernel<T, Tile::D>,
+             dim3(unsigned((rows + 7) / 8)), dim3(256), 0, p);
     }
   });
 }
@@ -118,14 +134,32 @@ void run_backward(const AttnParams& p, int head_dim, Launch&& launch) {
     using Dkdv = typename decltype(config)::Dkdv;
     using Dq = typename decltype(config)::Dq;
     const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
-    launch(flash_bwd_delta_kernel<T, Dq::D>, dim3(unsigned((rows + 7) / 8)), dim3(256), 0, p);
-    launch(flash_bwd_dkdv_kernel<T, Dkdv>,
+    launch("flash_bwd_delta_kernel", flash_bwd_delta_kernel<T, Dq::D>,
+           dim3(unsigned((rows + 7) / 8)), dim3(256), 0, p);
+    launch("flash_bwd_dkdv_kernel", flash_bwd_dkdv_kernel<T, Dkdv>,
            dim3(ceil_div(p.seqlen_k, Dkdv::BLOCK_OWN), p.heads_kv, p.batch), dim3(Dkdv::THREADS),
            Dkdv::SMEM_BYTES, p);
-    launch(flash_bwd_dq_kernel<T, Dq>,
+    launch("flash_bwd_dq_kernel", flash_bwd_dq_kernel<T, Dq>,
            dim3(ceil_div(p.seqlen_q, Dq::BLOCK_OWN), p.heads_q, p.batch), dim3(Dq::THREADS),
            Dq::SMEM_BYTES, p);
   });
+}
+
+// The first launch of `run` whose dynamic shared memory is over `limit` bytes per block, or
+// {nullptr, 0} when every launch fits. `run` takes a launch callable and passes it to
+// run_forward or run_backward: a dry run that launches nothing, so the check sees the very
+// launches the real run makes.
+struct SmemNeed {
+  const char* kernel;
+  size_t bytes;
+};
+template <typename Run>
+SmemNeed first_over_smem_limit(size_t limit, Run&& run) {
+  SmemNeed over{nullptr, 0};
+  run([&](const char* name, auto, dim3, dim3, size_t smem, const AttnParams&) {
+    if (over.kernel == nullptr && smem > limit) over = {name, smem};
+  });
+  return over;
 }
 
 }  // namespace attention

@@ -13,14 +13,16 @@
 //
 // Why a separate kernel: the prefill tiling would leave 127 of 128 rows of a block idle and read
 // each kv head once per query head. Here the query heads of one kv group and their queries are
-// packed into the 16 rows of one m16 tile (row r = g * Sq + i: head h_kv * group + g, query i),
-// so K and V are read once per group, and the keys are split over blocks and, inside a block,
-// over warps: each warp takes 16 keys of every 64-key stage and keeps its own running max, sum
-// and accumulators, merged through shared memory at the end. With one split the block writes o
-// and lse itself; with several, each block writes its normalized partial output and lse in fp32
-// to o_partial / lse_partial and flash_decode_combine_kernel merges them.
+// packed into the rows of 1, 2 or 4 m16 tiles (row r = g * Sq + i: head h_kv * group + g,
+// query i; DecodeTile::ROWS = 16, 32 or 64 rows), so K and V are read once per group, and the
+// keys are split over blocks and, inside a block, over the warps that share an m16 tile: with
+// 1 / 2 / 4 tiles, 4 / 2 / 1 warps take 16 / 32 / 64 keys each of every 64-key stage. Each warp
+// keeps its own running max, sum and accumulators, merged through shared memory at the end.
+// With one split the block writes o and lse itself; with several, each block writes its
+// normalized partial output and lse in fp32 to o_partial / lse_partial and
+// flash_decode_combine_kernel merges them.
 //
-// Preconditions: (Hq / Hkv) * Sq <= kDecodeRows; seqlen_k > 0; p.num_splits from decode_splits
+// Preconditions: (Hq / Hkv) * Sq <= Tile::ROWS; seqlen_k > 0; p.num_splits from decode_splits
 // (flash_attention_kernels.cuh: no split empty), with o_partial, lse_partial allocated when it
 // is above 1; grid (num_splits, Hkv, B) of DecodeTile::THREADS threads, DecodeTile::SMEM_BYTES
 // of dynamic shared memory; the combine kernel one warp per (batch, head, query) row.
@@ -31,42 +33,56 @@
 namespace llama_kernels {
 namespace attention {
 
-constexpr int kDecodeRows = 16;  // packed query rows: one m16 tile
+constexpr int kDecodeMaxRows = 64;  // packed query rows: at most 4 m16 tiles
 
-// Keys go in 64-key stages (16 per warp), double buffered.
-template <int D_>
+// The m16 tiles a decode block takes for `rows` packed query rows: 1, 2 or 4, 0 above
+// kDecodeMaxRows (the prefill kernel's case).
+__host__ __device__ constexpr int decode_row_tiles(int64_t rows) {
+  return rows <= 16 ? 1 : rows <= 32 ? 2 : rows <= kDecodeMaxRows ? 4 : 0;
+}
+
+// ROW_TILES m16 tiles of packed rows on 4 warps; keys go in 64-key stages, double buffered,
+// each split over the KEY_WARPS warps of a tile.
+template <int D_, int ROW_TILES_>
 struct DecodeTile {
   static constexpr int D = D_, WARPS = 4, THREADS = WARPS * kWarpSize;
-  static constexpr int BLOCK_N = 16 * WARPS;  // keys per stage: 16 per warp
+  static constexpr int ROW_TILES = ROW_TILES_, ROWS = 16 * ROW_TILES;
+  static constexpr int KEY_WARPS = WARPS / ROW_TILES;  // warps sharing one m16 tile
+  static constexpr int BLOCK_N = 64;                     // keys per stage
+  static constexpr int WARP_KEYS = BLOCK_N / KEY_WARPS;  // a warp's keys of each stage
   static constexpr int STAGE_BYTES = 2 * BLOCK_N * D * 2;  // K and V
   // Q rows, two K/V stages; the warps' fp32 accumulators reuse the stages at the end.
-  static constexpr int SMEM_BYTES = kDecodeRows * D * 2 + 2 * STAGE_BYTES;
+  static constexpr int SMEM_BYTES = ROWS * D * 2 + 2 * STAGE_BYTES;
   static constexpr int O_STRIDE = D + 8;  // floats between merge-scratch rows (bank spread)
-  static_assert(WARPS * kDecodeRows * O_STRIDE * 4 + 2 * WARPS * kDecodeRows * 4 <=
-                    2 * STAGE_BYTES,
+  static_assert(ROW_TILES == 1 || ROW_TILES == 2 || ROW_TILES == 4, "1, 2 or 4 m16 tiles");
+  static_assert(WARPS * 16 * O_STRIDE * 4 + 2 * WARPS * 16 * 4 <= 2 * STAGE_BYTES,
                 "the merge scratch fits in the K/V stages");
 };
 
 // __launch_bounds__(128, 2) asks for two resident blocks per SM, the occupancy decode_splits
-// plans for (at d128 a block's 68 KiB of shared memory allows no more than 2 on sm_80). It caps
-// no registers: 2 blocks x 128 threads leave 256 registers a thread, above the 255 maximum (a
-// cap of 128 would take 4 blocks, 512 threads). It only steers ptxas (nvcc 13.0): d64 / d128
-// use 120 / 168 registers on sm_80 and 121 / 175 on sm_90 with it, 124 / 165 and 131 / 176
-// without; no spills either way.
+// plans for (at d128 a block's 68 to 80 KiB of shared memory allows no more than 2 on sm_80).
+// It caps no registers: 2 blocks x 128 threads leave 256 registers a thread, above the 255
+// maximum. It only steers ptxas. Registers (nvcc 13.0, no spills) for 1 / 2 / 4 row tiles:
+// d64 96 / 139 / 140 and d128 153 / 181 / 198 on sm_80; d64 97 / 145 / 146 and
+// d128 153 / 182 / 206 on sm_90.
 template <typename T, typename Tile>
 __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const AttnParams p) {
   constexpr int D = Tile::D, BLOCK_N = Tile::BLOCK_N, THREADS = Tile::THREADS;
-  constexpr int WARPS = Tile::WARPS, DT = D / 8, CHUNKS = D / 8;
+  constexpr int WARPS = Tile::WARPS, DT = D / 8, CHUNKS = D / 8, ROWS = Tile::ROWS;
+  constexpr int KEY_WARPS = Tile::KEY_WARPS, WARP_KEYS = Tile::WARP_KEYS, NT = WARP_KEYS / 8;
   const int split = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
   const int group = p.heads_q / p.heads_kv;
   const int sq = p.seqlen_q, sk = p.seqlen_k;
-  const int rows = group * sq;  // <= kDecodeRows
+  const int rows = group * sq;  // <= ROWS
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  // This warp's m16 tile (packed rows row0 .. row0 + 15) and its keys of each stage.
+  const int row0 = warp / KEY_WARPS * 16, key_in_stage = warp % KEY_WARPS * WARP_KEYS;
+  const bool has_rows = row0 < rows;  // warp-uniform: a tile of padding rows skips the math
   const int g = lane / 4, c = lane % 4;
   const SwizzledLanes<D> lanes(lane);
 
   T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
-  T* s_k = s_q + kDecodeRows * D;       // [2][BLOCK_N][D]
+  T* s_k = s_q + ROWS * D;              // [2][BLOCK_N][D]
   T* s_v = s_k + 2 * BLOCK_N * D;       // [2][BLOCK_N][D]
   const uint32_t sh_q = tc::smem_addr(s_q), sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
 
@@ -77,7 +93,7 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
   const int t_end = t_begin + per_split < stages ? t_begin + per_split : stages;
 
   // Packed Q rows: row r = (head h_kv * group + r / sq, query r % sq); rows >= `rows` are 0.
-  for (int idx = threadIdx.x; idx < kDecodeRows * CHUNKS; idx += THREADS) {
+  for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
     const int r = idx / CHUNKS, chunk = idx % CHUNKS;
     const bool ok = r < rows;
     const int h = h_kv * group + (ok ? r / sq : 0), i = ok ? r % sq : 0;
@@ -94,18 +110,17 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
   if (t_begin < t_end) load_stage(t_begin, 0);
   tc::cp_async_commit();
 
-  // Q's A fragments, read once (every stage multiplies the same 16 rows).
+  // Q's A fragments of this warp's tile, read once (every stage multiplies the same 16 rows).
   uint32_t qa[D / 16][4];
   tc::cp_async_wait<1>();
   tc::block_sync();
 #pragma unroll
-  for (int kt = 0; kt < D / 16; ++kt) load_a<D>(qa[kt], sh_q, 0, kt * 16, lanes);
+  for (int kt = 0; kt < D / 16; ++kt) load_a<D>(qa[kt], sh_q, row0, kt * 16, lanes);
 
   float o[DT][4];
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const int key_in_stage = warp * 16;  // this warp's 16 keys of each stage
 
   for (int t = t_begin; t < t_end; ++t) {
     const int buf = (t - t_begin) & 1;
@@ -115,80 +130,90 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
     tc::cp_async_commit();
     const uint32_t sk_tile = sh_k + 2 * buf * BLOCK_N * D;
     const uint32_t sv_tile = sh_v + 2 * buf * BLOCK_N * D;
+    if (!has_rows) continue;
 
-    float s[2][4] = {};
+    float s[NT][4] = {};
 #pragma unroll
     for (int kt = 0; kt < D / 16; ++kt) {
-      uint32_t b0[2], b1[2];
-      load_b_nk<D>(b0, b1, sk_tile, key_in_stage, kt * 16, lanes);
-      tc::mma_16816<T>(s[0], qa[kt], b0);
-      tc::mma_16816<T>(s[1], qa[kt], b1);
+#pragma unroll
+      for (int j = 0; j < NT / 2; ++j) {
+        uint32_t b0[2], b1[2];
+        load_b_nk<D>(b0, b1, sk_tile, key_in_stage + 16 * j, kt * 16, lanes);
+        tc::mma_16816<T>(s[2 * j], qa[kt], b0);
+        tc::mma_16816<T>(s[2 * j + 1], qa[kt], b1);
+      }
     }
     // Scale to base 2, mask ragged ends and (causal) the keys past each query's diagonal.
     const int key0 = t * BLOCK_N + key_in_stage;
-    const bool masked = key0 + 16 > sk - (p.causal ? sq - 1 : 0);
+    const bool masked = key0 + WARP_KEYS > sk - (p.causal ? sq - 1 : 0);
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         s[nt][e] *= p.softmax_scale_log2;
-        const int r = g + (e / 2) * 8;
+        const int r = row0 + g + (e / 2) * 8;
         if (masked && !visible(r % sq, key0 + nt * 8 + 2 * c + e % 2, sq, sk, p.causal)) {
           s[nt][e] = -INFINITY;
         }
       }
     }
     online_softmax_step(s, o, row_max, row_sum);
-    uint32_t a[4];
-    accumulators_as_a<T>(a, s[0], s[1]);
 #pragma unroll
-    for (int dp = 0; dp < DT / 2; ++dp) {
-      uint32_t b0[2], b1[2];
-      load_b_kn<D>(b0, b1, sv_tile, key_in_stage, dp * 16, lanes);
-      tc::mma_16816<T>(o[2 * dp], a, b0);
-      tc::mma_16816<T>(o[2 * dp + 1], a, b1);
+    for (int j = 0; j < NT / 2; ++j) {
+      uint32_t a[4];
+      accumulators_as_a<T>(a, s[2 * j], s[2 * j + 1]);
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t b0[2], b1[2];
+        load_b_kn<D>(b0, b1, sv_tile, key_in_stage + 16 * j, dp * 16, lanes);
+        tc::mma_16816<T>(o[2 * dp], a, b0);
+        tc::mma_16816<T>(o[2 * dp + 1], a, b1);
+      }
     }
   }
 
-  // Merge the warps: each writes its max, sum and accumulators (fp32) over the K/V stages.
+  // Merge the warps of each m16 tile: each writes its max, sum and accumulators (fp32) over the
+  // K/V stages, at [warp][row - row0].
   tc::block_sync();  // every warp is done with the stages
   // Rows of o_w are D + 8 floats apart: with rows a multiple of 32 banks apart, the 8 rows a
   // warp's float2 stores hit would collide 8 ways; with +8 the 16 lanes of each half-warp
   // (4 rows x 4 column pairs) cover all 32 banks.
   constexpr int O_STRIDE = Tile::O_STRIDE;
-  float* m_w = reinterpret_cast<float*>(s_k);         // [WARPS][16]
-  float* l_w = m_w + WARPS * kDecodeRows;             // [WARPS][16]
-  float* o_w = l_w + WARPS * kDecodeRows;             // [WARPS][16][O_STRIDE]
+  float* m_w = reinterpret_cast<float*>(s_k);  // [WARPS][16]
+  float* l_w = m_w + WARPS * 16;               // [WARPS][16]
+  float* o_w = l_w + WARPS * 16;               // [WARPS][16][O_STRIDE]
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
     sum += tc::shfl_xor(sum, 1);
     sum += tc::shfl_xor(sum, 2);
     if (c == 0) {
-      m_w[warp * kDecodeRows + g + 8 * r] = row_max[r];
-      l_w[warp * kDecodeRows + g + 8 * r] = sum;
+      m_w[warp * 16 + g + 8 * r] = row_max[r];
+      l_w[warp * 16 + g + 8 * r] = sum;
     }
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
-      *reinterpret_cast<float2*>(o_w + (warp * kDecodeRows + g + 8 * r) * O_STRIDE + dt * 8 +
+      *reinterpret_cast<float2*>(o_w + (warp * 16 + g + 8 * r) * O_STRIDE + dt * 8 +
                                  2 * c) = float2{o[dt][2 * r], o[dt][2 * r + 1]};
     }
   }
   tc::block_sync();
-  // One thread per (row, column pair): the merged row, normalized; its lse (natural log).
+  // One thread per (row, column pair): the merged row, normalized; its lse (natural log). Row r
+  // is row r % 16 of the KEY_WARPS warps from r / 16 * KEY_WARPS on.
   for (int idx = threadIdx.x; idx < rows * (D / 2); idx += THREADS) {
     const int r = idx / (D / 2), col = (idx % (D / 2)) * 2;
+    const int at0 = r / 16 * KEY_WARPS * 16 + r % 16;  // [first warp][row] in the scratch
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, m_w[w * kDecodeRows + r]);
+    for (int w = 0; w < KEY_WARPS; ++w) mx = fmaxf(mx, m_w[at0 + w * 16]);
     const float base = mx == -INFINITY ? 0.f : mx;
     float sum = 0.f, acc0 = 0.f, acc1 = 0.f;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      const float weight = exp2f(m_w[w * kDecodeRows + r] - base);
-      sum += l_w[w * kDecodeRows + r] * weight;
+    for (int w = 0; w < KEY_WARPS; ++w) {
+      const float weight = exp2f(m_w[at0 + w * 16] - base);
+      sum += l_w[at0 + w * 16] * weight;
       const float2 part =
-          *reinterpret_cast<const float2*>(o_w + (w * kDecodeRows + r) * O_STRIDE + col);
+          *reinterpret_cast<const float2*>(o_w + (at0 + w * 16) * O_STRIDE + col);
       acc0 += part.x * weight;
       acc1 += part.y * weight;
     }

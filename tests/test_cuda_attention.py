@@ -60,6 +60,12 @@ CASES = [
     pytest.param(1, 1, 1100, 8, 2, 64, True, id="decode-k1100-h8/2-5splits"),
     pytest.param(2, 3, 704, 4, 1, 128, True, id="decode3-k704-h4/1-d128-3splits"),
     pytest.param(1, 2, 515, 8, 1, 64, False, id="decode2-k515-h8/1-full-3splits"),
+    # Decode blocks of 2 and 4 m16 tiles (17..64 packed rows: heads of a group x queries).
+    pytest.param(1, 1, 300, 17, 1, 64, False, id="decode-k300-h17/1-17rows-2splits"),
+    pytest.param(1, 3, 700, 16, 2, 64, True, id="decode3-k700-h16/2-24rows-3splits"),
+    pytest.param(2, 5, 520, 8, 1, 64, True, id="decode5-k520-h8/1-40rows-3splits"),
+    pytest.param(1, 4, 600, 16, 1, 128, True, id="decode4-k600-h16/1-d128-64rows-3splits"),
+    pytest.param(1, 2, 100, 16, 1, 128, True, id="decode2-k100-h16/1-d128-32rows-1split"),
 ]
 GPU_CASES = [
     pytest.param(2, 1025, 1025, 16, 4, 128, True, id="s1025-h16/4-d128"),
@@ -172,6 +178,98 @@ def test_emulated_backward_is_deterministic():
     second = cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, 0.125)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ shared memory
+
+# Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): an A100
+# (8.0), the consumer Ampere / Ada parts that run the sm_80 build (8.6, 8.9), an H100 (9.0),
+# and sm_75's 64 KiB, which some tiles exceed, for the refusal path.
+SMEM_LIMITS = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024, (9, 0): 227 * 1024,
+               (7, 5): 64 * 1024}
+# Bytes of dynamic shared memory per block of each launch, in launch order, for the shapes of
+# test_emulated_shared_memory_limits: forward (prefill), decode with 1, 2 and 4 m16 tiles of
+# packed rows (key splits merged by the combine kernel, which uses none), backward (delta,
+# dK/dV, dQ). The refusals under sm_75's limit show which decode tile a launch picked.
+SMEM_NEEDS = {
+    64: {"forward": [("flash_fwd_kernel", 32768)],
+         "decode": [("flash_decode_kernel", 34816), ("flash_decode_combine_kernel", 0)],
+         "decode32": [("flash_decode_kernel", 36864), ("flash_decode_combine_kernel", 0)],
+         "decode64": [("flash_decode_kernel", 40960), ("flash_decode_combine_kernel", 0)],
+         "backward": [("flash_bwd_delta_kernel", 0), ("flash_bwd_dkdv_kernel", 50176),
+                      ("flash_bwd_dq_kernel", 50176)]},
+    128: {"forward": [("flash_fwd_kernel", 65536)],
+          "decode": [("flash_decode_kernel", 69632), ("flash_decode_combine_kernel", 0)],
+          "decode32": [("flash_decode_kernel", 73728), ("flash_decode_combine_kernel", 0)],
+          "decode64": [("flash_decode_kernel", 81920), ("flash_decode_combine_kernel", 0)],
+          "backward": [("flash_bwd_delta_kernel", 0), ("flash_bwd_dkdv_kernel", 66048),
+                       ("flash_bwd_dq_kernel", 99328)]},
+}
+
+
+def test_tiles_fit_sm80_and_sm86_limits():
+    """Every tile fits the 99 KiB of sm_86 / sm_89 (the largest, dQ at d128, needs 99,328
+    bytes), and so the 163 KiB of sm_80 and the 227 KiB of sm_90."""
+    needs = [b for per_d in SMEM_NEEDS.values() for launches in per_d.values()
+             for _, b in launches]
+    assert max(needs) == 99328 <= SMEM_LIMITS[(8, 6)]
+
+
+@needs_emulator
+@pytest.mark.parametrize("cc", list(SMEM_LIMITS), ids=lambda cc: f"sm{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("d", [64, 128])
+def test_emulated_shared_memory_limits(cc, d):
+    """On an emulated device of each compute capability, every launch sequence (prefill,
+    split decode, backward) either runs and matches the reference, or is refused before any
+    kernel runs with the message naming the first kernel over the limit, its bytes and the
+    limit."""
+    limit, dtype, scale = SMEM_LIMITS[cc], torch.float16, d ** -0.5
+    shapes = {"forward": (1, 40, 70, 2, 1), "decode": (1, 1, 300, 4, 1),
+              "decode32": (1, 2, 300, 16, 1), "decode64": (1, 4, 300, 16, 1),
+              "backward": (1, 40, 70, 2, 1)}
+    for part, (b, sq, sk, hq, hkv) in shapes.items():
+        over = [(name, n) for name, n in SMEM_NEEDS[d][part] if n > limit]
+        q, k, v = emulated_inputs(b, sq, sk, hq, hkv, d, dtype)
+        dout = torch.randn(q.shape).to(dtype)
+
+        def run():
+            if part != "backward":
+                return cuda_emulator.flash_forward(q, k, v, True, scale, compute_capability=cc)
+            out, lse = cuda_emulator.flash_forward(q, k, v, True, scale)
+            return (out, *cuda_emulator.flash_backward(dout, q, k, v, out, lse, True, scale,
+                                                       compute_capability=cc))
+        if over:
+            name, n = over[0]
+            with pytest.raises(cuda_emulator.EmulatorError,
+                               match=f"^flash attention \\(head_dim {d}\\): {name} needs {n} "
+                                     f"bytes of shared memory per block, but device 0 allows "
+                                     f"at most {limit} "):
+                run()
+            continue
+        got = run()
+        if part == "backward":
+            check_all(got, q, k, v, dout, True, scale)
+        else:
+            ref = reference.attention(q.float(), k.float(), v.float(), causal=True,
+                                      softmax_scale=scale)
+            eager = reference.attention(q, k, v, causal=True, softmax_scale=scale, upcast=False)
+            assert_close(got[0], ref, eager, f"{part} out")
+
+
+@needs_emulator
+def test_emulated_launch_over_the_limit_fails():
+    """Without the launcher's check, the emulated launch itself refuses a block over the
+    device's limit, as cudaLaunchKernel would."""
+    q, k, v = emulated_inputs(1, 40, 70, 2, 1, 128, torch.float16)
+    lib = cuda_emulator._attention_lib()
+    lib.emu_check_smem_before_launch(0)
+    try:
+        with pytest.raises(cuda_emulator.EmulatorError,
+                           match="^launch: 69632 bytes of dynamic shared memory per block, over "
+                                 "the 65536-byte opt-in limit of compute capability 7.5"):
+            cuda_emulator.flash_forward(q[:, :1], k, v, True, 0.1, compute_capability=(7, 5))
+    finally:
+        lib.emu_check_smem_before_launch(1)
 
 
 # ------------------------------------------------------------------------------ tile arithmetic

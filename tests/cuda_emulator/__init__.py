@@ -8,6 +8,11 @@ against tests/cuda_emulator/emulator.h, an emulation of csrc/tensor_core.cuh.
     flash_backward(dout, q, k, v, out, lse, causal, softmax_scale, schedule_seed=None)
                                                                                -> (dq, dk, dv)
 
+Both take compute_capability=(major, minor) (default DEFAULT_CC, 9.0): the emulated device,
+whose opt-in shared-memory limit per block every launch must fit (99 KiB for 8.6 / 8.9, 163 KiB
+for 8.0, 227 KiB for 9.0); as in flash_attention.cu, a kernel over it is refused with its name,
+its bytes and the limit before any kernel runs.
+
 The row ops (csrc/swiglu_kernels.cuh, rms_norm_kernels.cuh, rotary_kernels.cuh), each through
 its header's launch path (the run_* functions that the .cu files call too; the entry points are
 swiglu_emu.cpp, rms_norm_emu.cpp, rotary_emu.cpp), on CPU fp32 / fp16 / bf16 tensors:
@@ -76,6 +81,9 @@ HEAD_DIMS = (64, 128)
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _ERR_BYTES = 4096
 SEED_ENV = "LLAMA_KERNELS_EMULATOR_SEED"
+# The emulated device's compute capability unless a call names another: it selects the
+# per-block shared-memory limit of launches (emulator.h, max_smem_optin).
+DEFAULT_CC = (9, 0)
 # The emulator's state (launch coordinates, registered ranges, schedule seed) is process-global
 # C++ state.
 _LOCK = threading.Lock()
@@ -152,6 +160,8 @@ def build(name: str, sources, include_dirs=()) -> ctypes.CDLL:
     dll = ctypes.CDLL(lib)
     dll.emu_set_schedule_seed.argtypes = [ctypes.c_uint64]  # defined in emulator.h
     dll.emu_set_schedule_seed.restype = None
+    dll.emu_set_compute_capability.argtypes = [ctypes.c_int, ctypes.c_int]  # emulator.h too
+    dll.emu_set_compute_capability.restype = ctypes.c_int
     return dll
 
 
@@ -166,9 +176,11 @@ def call(fn, *args, lib: ctypes.CDLL | None = None, schedule_seed: int = 0) -> N
     _invoke(lib, fn, args, schedule_seed)
 
 
-def _invoke(lib, fn, args, schedule_seed: int, tensors=()) -> None:
-    """fn(*args, err, err_len) under the lock, with `lib`'s schedule seed set for the call
-    only and the spans of `tensors` registered as the global memory cp.async may read."""
+def _invoke(lib, fn, args, schedule_seed: int, tensors=(),
+            compute_capability: tuple[int, int] = DEFAULT_CC) -> None:
+    """fn(*args, err, err_len) under the lock, with `lib`'s schedule seed and emulated compute
+    capability set for the call only and the spans of `tensors` registered as the global memory
+    cp.async may read."""
     _check_seed(schedule_seed)
     err = ctypes.create_string_buffer(_ERR_BYTES)
     with _LOCK:
@@ -178,11 +190,15 @@ def _invoke(lib, fn, args, schedule_seed: int, tensors=()) -> None:
                 lib.emu_register_global(t.data_ptr(), _span_bytes(t))
         if lib is not None:
             lib.emu_set_schedule_seed(schedule_seed)
+            if lib.emu_set_compute_capability(*compute_capability):
+                raise ValueError(f"compute_capability {compute_capability}: the emulator knows "
+                                 "no shared-memory limit for it")
         try:
             rc = fn(*args, err, ctypes.c_size_t(_ERR_BYTES))
         finally:
             if lib is not None:
                 lib.emu_set_schedule_seed(0)
+                lib.emu_set_compute_capability(*DEFAULT_CC)
     if rc != 0:
         raise EmulatorError(err.value.decode(errors="replace"))
 
@@ -208,6 +224,7 @@ def _attention_lib() -> ctypes.CDLL:
         getattr(lib, fn).argtypes = sig + [ctypes.c_char_p, ctypes.c_size_t]
         getattr(lib, fn).restype = ctypes.c_int
     lib.emu_register_global.argtypes = [_P, ctypes.c_size_t]
+    lib.emu_check_smem_before_launch.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -298,10 +315,13 @@ def _seed(schedule_seed: int | None) -> int:
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  softmax_scale: float, *, schedule_seed: int | None = None
+                  softmax_scale: float, *, schedule_seed: int | None = None,
+                  compute_capability: tuple[int, int] = DEFAULT_CC
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32, natural log. schedule_seed:
-    0 round-robin, else a random schedule; None: LLAMA_KERNELS_EMULATOR_SEED, else 0."""
+    0 round-robin, else a random schedule; None: LLAMA_KERNELS_EMULATOR_SEED, else 0.
+    compute_capability: the emulated device, whose per-block shared-memory limit a launch must
+    fit (a launch that does not raises EmulatorError before any kernel runs)."""
     seed = _seed(schedule_seed)
     _check_qkv(q, k, v)
     q, k, v = (_rows_16b(t) for t in (q, k, v))
@@ -313,7 +333,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
             (_DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
              out.view.data_ptr(), lse.view.data_ptr(), _strides(q, k, v, out.view), _sizes(q, k),
              softmax_scale, int(causal)),
-            seed, tensors=(q, k, v, out.view, lse.view))
+            seed, tensors=(q, k, v, out.view, lse.view), compute_capability=compute_capability)
     out.check("out")
     lse.check("lse")
     return out.view, lse.view
@@ -321,10 +341,11 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float, *,
-                   schedule_seed: int | None = None
+                   schedule_seed: int | None = None,
+                   compute_capability: tuple[int, int] = DEFAULT_CC
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, shapes and dtype of q, k, v) from the forward's out and lse.
-    schedule_seed as for flash_forward."""
+    schedule_seed and compute_capability as for flash_forward."""
     seed = _seed(schedule_seed)
     _check_qkv(q, k, v)
     for t, name in ((out, "out"), (dout, "dout")):
@@ -345,7 +366,8 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
              dout.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
              _strides(q, k, v, out, dout, dq, dk, dv), _sizes(q, k), softmax_scale,
              int(causal)),
-            seed, tensors=(q, k, v, out, dout, lse, dq, dk, dv))
+            seed, tensors=(q, k, v, out, dout, lse, dq, dk, dv),
+            compute_capability=compute_capability)
     for g, name in zip(grads, ("dq", "dk", "dv")):
         g.check(name)
     return dq, dk, dv

@@ -196,7 +196,20 @@ inline void clear_globals();
 namespace detail {
 
 constexpr size_t kStackBytes = 256 << 10;
-constexpr size_t kMaxSmemBytes = 227 << 10;  // sm_80 / sm_90 opt-in maximum per block
+// The opt-in maximum of dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+// of a compute capability, 0 for one the table lacks. sm_86 / sm_89 / sm_120 run the sm_80
+// build with 99 KiB, the A100 (8.0) allows 163 KiB, sm_90 / sm_100 227 KiB.
+constexpr size_t max_smem_optin(int major, int minor) {
+  const int cc = major * 10 + minor;
+  switch (cc) {
+    case 70: case 72: return 96 << 10;
+    case 75: return 64 << 10;
+    case 80: case 87: return 163 << 10;
+    case 86: case 89: case 120: case 121: return 99 << 10;
+    case 90: case 100: case 103: return 227 << 10;
+    default: return 0;
+  }
+}
 constexpr int kMaxThreads = 1024;
 
 struct PendingCopy {
@@ -245,6 +258,7 @@ struct State {
   std::string error;
   uint64_t schedule_seed = 0;  // 0: round-robin; otherwise the seed of the random schedule
   uint64_t rng = 0;            // splitmix64 state, reset to the seed at every launch
+  int cc_major = 9, cc_minor = 0;  // the emulated device's compute capability
 };
 inline State g;
 
@@ -460,9 +474,13 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::functi
   if (nthreads == 0 || nthreads > kMaxThreads || block.z > 64)
     throw std::runtime_error("launch: block of " + std::to_string(nthreads) +
                              " threads (limit 1024, z <= 64)");
-  if (smem_bytes > kMaxSmemBytes)
+  const size_t smem_limit = max_smem_optin(g.cc_major, g.cc_minor);
+  if (smem_bytes > smem_limit)
     throw std::runtime_error("launch: " + std::to_string(smem_bytes) +
-                             " bytes of dynamic shared memory (limit 227 KiB = 232448)");
+                             " bytes of dynamic shared memory per block, over the " +
+                             std::to_string(smem_limit) + "-byte opt-in limit of compute "
+                             "capability " + std::to_string(g.cc_major) + "." +
+                             std::to_string(g.cc_minor));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error("launch: grid (" + std::to_string(grid.x) + "," +
                              std::to_string(grid.y) + "," + std::to_string(grid.z) +
@@ -533,6 +551,20 @@ inline void check_global_access(const void* p, size_t bytes, const char* what) {
 inline void set_schedule_seed(uint64_t seed) { detail::g.schedule_seed = seed; }
 inline uint64_t schedule_seed() { return detail::g.schedule_seed; }
 
+// The emulated device (default 9.0): its compute capability selects the shared-memory limit of
+// the launches that follow (max_smem_optin), until set again. One the table lacks is refused.
+inline void set_compute_capability(int major, int minor) {
+  if (detail::max_smem_optin(major, minor) == 0)
+    throw std::invalid_argument("compute capability " + std::to_string(major) + "." +
+                                std::to_string(minor) + ": no shared-memory limit known");
+  detail::g.cc_major = major;
+  detail::g.cc_minor = minor;
+}
+// The opt-in limit of dynamic shared memory per block of the emulated device, in bytes.
+inline size_t max_smem_per_block() {
+  return detail::max_smem_optin(detail::g.cc_major, detail::g.cc_minor);
+}
+
 // kernel(args...) on every thread of every block; blocks run one after another.
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
@@ -581,6 +613,12 @@ void with_dtype(int dtype, Fn&& fn) {
 // around each call); `used` emits the inline definition even where nothing calls it.
 extern "C" __attribute__((used)) inline void emu_set_schedule_seed(uint64_t seed) {
   emu::set_schedule_seed(seed);
+}
+// The same for the emulated compute capability: 0 if set, 1 if the table lacks it.
+extern "C" __attribute__((used)) inline int emu_set_compute_capability(int major, int minor) {
+  if (emu::detail::max_smem_optin(major, minor) == 0) return 1;
+  emu::set_compute_capability(major, minor);
+  return 0;
 }
 
 // ------------------------------------------------------------------ tc:: primitives

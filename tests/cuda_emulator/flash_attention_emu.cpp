@@ -6,6 +6,8 @@
 #include "flash_attention_kernels.cuh"
 
 #include <limits>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace {
@@ -37,11 +39,30 @@ attn::AttnParams base_params(const int* sizes, float softmax_scale, int causal) 
 // kernel has blocks.
 bool skip_empty_grids = false;
 
-const auto emu_launch = [](auto kernel, dim3 grid, dim3 block, size_t smem_bytes,
+// Set by emu_check_smem_before_launch(0): skip the launcher's check of shared memory, so that
+// a test sees the emulated launch itself refuse a block over the device's limit.
+bool check_smem_first = true;
+
+const auto emu_launch = [](const char*, auto kernel, dim3 grid, dim3 block, size_t smem_bytes,
                            const attn::AttnParams& p) {
   if (skip_empty_grids && (grid.x == 0 || grid.y == 0 || grid.z == 0)) return;
   emu::launch(kernel, grid, block, smem_bytes, p);
 };
+
+// flash_attention.cu's check_smem_fits against the emulated device's limit: every launch of
+// `run` (a dry run of run_forward / run_backward) fits, else the same message, before any launch.
+template <typename Run>
+void check_smem_fits(int head_dim, Run&& run) {
+  if (!check_smem_first) return;
+  const size_t limit = emu::max_smem_per_block();
+  const attn::SmemNeed over = attn::first_over_smem_limit(limit, run);
+  if (over.kernel != nullptr) {
+    throw std::runtime_error("flash attention (head_dim " + std::to_string(head_dim) + "): " +
+                             over.kernel + " needs " + std::to_string(over.bytes) +
+                             " bytes of shared memory per block, but device 0 allows at most " +
+                             std::to_string(limit) + " (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
+  }
+}
 
 }  // namespace
 
@@ -51,6 +72,7 @@ extern "C" {
 void emu_register_global(const void* ptr, size_t bytes) { emu::register_global(ptr, bytes); }
 void emu_clear_globals() { emu::clear_globals(); }
 void emu_skip_empty_grids(int skip) { skip_empty_grids = skip != 0; }
+void emu_check_smem_before_launch(int check) { check_smem_first = check != 0; }
 
 // strides: (q, k, v, o) x (batch, row, head), in elements.
 int flash_forward_emu(int dtype, int head_dim, const void* q, const void* k, const void* v,
@@ -81,7 +103,9 @@ int flash_forward_emu(int dtype, int head_dim, const void* q, const void* k, con
       p.lse_partial = lse_partial.data();
     }
     emu::with_dtype(dtype, [&](auto tag) {
-      attn::run_forward<decltype(tag)>(p, head_dim, emu_launch);
+      using T = decltype(tag);
+      check_smem_fits(head_dim, [&](auto&& dry) { attn::run_forward<T>(p, head_dim, dry); });
+      attn::run_forward<T>(p, head_dim, emu_launch);
     });
   });
 }
@@ -116,7 +140,9 @@ int flash_backward_emu(int dtype, int head_dim, const void* q, const void* k, co
     p.dk_s = strides_at(strides, 6);
     p.dv_s = strides_at(strides, 7);
     emu::with_dtype(dtype, [&](auto tag) {
-      attn::run_backward<decltype(tag)>(p, head_dim, emu_launch);
+      using T = decltype(tag);
+      check_smem_fits(head_dim, [&](auto&& dry) { attn::run_backward<T>(p, head_dim, dry); });
+      attn::run_backward<T>(p, head_dim, emu_launch);
     });
   });
 }
