@@ -11,6 +11,7 @@ from llama_kernels.ops import (
     flash_attention,
     flash_attention_varlen,
     flash_attention_with_kvcache,
+    linear_cross_entropy,
     rms_norm,
     rotary_tables,
     swiglu,
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "add_rms_norm", "apply_rotary", "available_backends", "flash_attention",
-    "flash_attention_varlen", "flash_attention_with_kvcache", "rms_norm", "rotary_tables",
-    "swiglu", "use_backend", "__version__",
+    "flash_attention_varlen", "flash_attention_with_kvcache", "linear_cross_entropy", "rms_norm",
+    "rotary_tables", "swiglu", "use_backend", "__version__",
 ]

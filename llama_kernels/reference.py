@@ -387,10 +387,37 @@ def attention_flops(batch, seqlen_q, seqlen_k, heads, head_dim, *, causal: bool,
     return flops * (2.5 if backward else 1.0)
 
 
+# --------------------------------------------------------------------------------------------
+# Linear + cross entropy:  z = x W^T,  loss_i = logsumexp(z_i) - z_i[t_i]   (0 where ignored)
+# backward: dz = (softmax(z) - onehot(t)) * row scale,  dx = dz W,  dW = dz^T x
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(x, weight, target, *, ignore_index: int = -100,
+                         reduction: str = "mean", upcast: bool = True) -> torch.Tensor:
+    """``F.cross_entropy(x @ weight.T, target)`` with the (N, vocab) logits materialized.
+
+    x ``(..., dim)``, weight ``(vocab, dim)``, target ``x.shape[:-1]`` int64. ``reduction``
+    "none" gives target's shape with 0 where the target is ignored; "mean" divides by the
+    number of non-ignored targets (all ignored: nan, as torch). The loss is fp32 in both modes:
+    ``upcast=True`` computes the logits and the loss in fp32 (the contract); ``upcast=False``
+    runs ``x @ weight.T`` and ``F.cross_entropy`` in x's dtype, as naive eager code, and casts
+    the loss to fp32 at the end (so a kernel's fp32 loss compares to it dtype for dtype).
+    """
+    ct = _compute_dtype(x, upcast)
+    logits = x.to(ct) @ weight.to(ct).T
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), target.reshape(-1), ignore_index=ignore_index,
+        reduction=reduction)
+    if reduction == "none":
+        loss = loss.view(target.shape)
+    return loss.float()
+
+
 __all__ = [
     "rms_norm", "rms_norm_rstd", "add_rms_norm", "rms_norm_backward", "swiglu",
     "swiglu_backward", "rotary_tables", "apply_rotary", "rotary_table_grads", "causal_mask",
     "attention", "attention_with_lse", "attention_backward", "attention_varlen",
     "attention_varlen_with_lse", "attention_varlen_backward", "attention_with_kvcache",
-    "attention_flops",
+    "attention_flops", "linear_cross_entropy",
 ]

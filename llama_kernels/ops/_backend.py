@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import os
 from typing import Iterator
 
@@ -29,7 +28,7 @@ CUDA_KERNELS = (
     "rms_norm_fwd_cuda", "add_rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "swiglu_fwd_cuda",
     "swiglu_bwd_cuda", "rotary_cuda", "flash_attention_fwd_cuda", "flash_attention_bwd_cuda",
 )
-TRITON_MODULES = ("rms_norm", "swiglu", "rotary", "flash_attention")
+TRITON_MODULES = ("rms_norm", "swiglu", "rotary", "flash_attention", "cross_entropy")
 
 # True when Triton runs kernels on CPU tensors (read by Triton at import, so read it once here).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -71,12 +70,8 @@ def _cuda_kernels() -> frozenset[str]:
 def _triton_modules() -> dict[str, object]:
     if _TRITON_WHY_NOT is not None:
         return {}
-    found = {}
-    for name in TRITON_MODULES:
-        full = f"llama_kernels.triton.{name}"
-        if importlib.util.find_spec(full) is not None:  # kernels land one issue at a time
-            found[name] = importlib.import_module(full)
-    return found
+    return {name: importlib.import_module(f"llama_kernels.triton.{name}")
+            for name in TRITON_MODULES}
 
 
 CUDA_AVAILABLE_KERNELS = _cuda_kernels()

@@ -4,8 +4,8 @@ Each kernel module lists ``AOT_CASES``: its kernels with the constexprs, warps a
 its own launch-settings function picks at the LLaMA widths, so what is compiled here is what
 runs there. ``compile_case`` compiles one case to a cubin and reads back registers, spill bytes,
 stack and shared memory; ``python -m llama_kernels.triton._aot --arch 80 90 --json out.json``
-does every case of the row-kernel modules (MODULES), whose settings are the same on every
-arch, for each arch. The attention settings depend on the arch, so each of
+does every case of the row-kernel and cross-entropy modules (MODULES), whose settings are the
+same on every arch, for each arch. The attention settings depend on the arch, so each of
 flash_attention.AOT_CASES is meant for one arch, flash_attention.AOT_CASE_ARCH[case.name];
 tests/test_triton_attention.py compiles them.
 
@@ -143,7 +143,7 @@ def compile_case(c: AotCase, arch: int) -> dict:
     }
 
 
-MODULES = ("rms_norm", "swiglu", "rotary")
+MODULES = ("rms_norm", "swiglu", "rotary", "cross_entropy")
 
 
 def all_cases(modules=MODULES) -> list[AotCase]:
