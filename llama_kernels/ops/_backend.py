@@ -28,7 +28,8 @@ CUDA_KERNELS = (
     "rms_norm_fwd_cuda", "add_rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "swiglu_fwd_cuda",
     "swiglu_bwd_cuda", "rotary_cuda", "flash_attention_fwd_cuda", "flash_attention_bwd_cuda",
 )
-TRITON_MODULES = ("rms_norm", "swiglu", "rotary", "flash_attention", "cross_entropy")
+TRITON_MODULES = ("rms_norm", "swiglu", "rotary", "flash_attention", "cross_entropy",
+                  "flash_attention_varlen", "flash_attention_kvcache")
 
 # True when Triton runs kernels on CPU tensors (read by Triton at import, so read it once here).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

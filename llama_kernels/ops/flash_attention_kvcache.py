@@ -12,6 +12,11 @@ cache_seqlens[b] + S_new keys, causal aligned bottom-right. Caches are (B, S_cac
 paged (num_blocks, block_size, Hkv, D) with block_table int32 (B, max_blocks): token t of
 sequence b is row t % block_size of block block_table[b, t // block_size]. This is one decoding
 (or chunked-prefill) step of a server holding many sequences of different lengths.
+
+Backends: triton (llama_kernels/triton/flash_attention_kvcache.py: an append kernel, the
+split-KV decode kernel, its combine; no host sync on the launch path) and torch
+(reference.attention_with_kvcache). The value checks below read cache_seqlens on the host, so
+they run on eager calls only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from llama_kernels import reference
 from llama_kernels.ops import _backend, _checks
 
 # Backends with a cached-attention kernel; auto passes over the others (to torch).
-KERNEL_BACKENDS: tuple[str, ...] = ()
+KERNEL_BACKENDS: tuple[str, ...] = ("triton",)
 
 
 @torch.library.custom_op("llama_kernels::flash_attention_with_kvcache",
@@ -35,6 +40,11 @@ def flash_attention_with_kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                     block_table: Tensor | None, rotary_cos: Tensor | None,
                                     rotary_sin: Tensor | None, rotary_interleaved: bool,
                                     causal: bool, softmax_scale: float, backend: str) -> Tensor:
+    if backend == "triton":
+        return _backend.triton_module("flash_attention_kvcache").flash_attention_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens, k, v, block_table=block_table,
+            rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+            causal=causal, softmax_scale=softmax_scale)
     return reference.attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, block_table=block_table,
         rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
@@ -161,9 +171,13 @@ def flash_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     unsupported = {b: "cached attention (no kernel yet)" for b in ("cuda", "triton")
                    if b not in KERNEL_BACKENDS}
+    triton_module = _backend.TRITON_AVAILABLE_MODULES.get("flash_attention_kvcache")
+    why = triton_module and triton_module.unsupported_reason(q, k_cache, v_cache)
+    if why:
+        unsupported["triton"] = why
     name = _backend.resolve(backend, op="flash_attention_with_kvcache", device=q.device,
                             cuda_kernel="flash_attention_fwd_cuda",
-                            triton_module="flash_attention", unsupported=unsupported)
+                            triton_module="flash_attention_kvcache", unsupported=unsupported)
     return flash_attention_with_kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table,
                                            rotary_cos, rotary_sin, bool(rotary_interleaved),
                                            bool(causal), scale, name)

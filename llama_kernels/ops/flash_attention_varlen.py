@@ -11,6 +11,9 @@ q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens int32 (B + 1,) from 0, lse
 cu_seqlens_k) and attends only to itself, causal aligned bottom-right per sequence; a query that
 sees no key outputs 0. This is what padding-free training (several documents in one row) and
 padded batches without the padding need.
+
+Backends: "triton" runs llama_kernels/triton/flash_attention_varlen.py (what auto picks on a
+GPU), "torch" the reference (reference.attention_varlen_with_lse / attention_varlen_backward).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from torch import Tensor
 
 from llama_kernels import reference
 from llama_kernels.ops import _backend, _checks
+from llama_kernels.ops.flash_attention import TRITON_MAX_HEAD_DIM
 
 # Backends with a packed kernel; auto passes over the others (to torch).
-KERNEL_BACKENDS: tuple[str, ...] = ()
+KERNEL_BACKENDS: tuple[str, ...] = ("triton",)
+TRITON_MODULE = "flash_attention_varlen"
 
 
 @torch.library.custom_op("llama_kernels::flash_attention_varlen_fwd", mutates_args=())
@@ -32,6 +37,10 @@ def flash_attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
                                cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                causal: bool, softmax_scale: float,
                                backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _backend.triton_module(TRITON_MODULE).flash_attention_varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            softmax_scale)
     out, lse = reference.attention_varlen_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                    causal=causal, softmax_scale=softmax_scale)
     return out.contiguous(), lse.contiguous()
@@ -49,6 +58,10 @@ def flash_attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                                softmax_scale: float,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _backend.triton_module(TRITON_MODULE).flash_attention_varlen_bwd(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            causal, softmax_scale)
     grads = reference.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q,
                                                 cu_seqlens_k, causal=causal,
                                                 softmax_scale=softmax_scale)
@@ -140,8 +153,11 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     unsupported = {b: "packed sequences (no kernel yet)" for b in ("cuda", "triton")
                    if b not in KERNEL_BACKENDS}
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        unsupported.setdefault("triton", f"head_dim {q.shape[-1]} (triton kernels take "
+                                         f"head_dim <= {TRITON_MAX_HEAD_DIM})")
     name = _backend.resolve(backend, op="flash_attention_varlen", device=q.device,
                             cuda_kernel="flash_attention_fwd_cuda",
-                            triton_module="flash_attention", unsupported=unsupported)
+                            triton_module=TRITON_MODULE, unsupported=unsupported)
     return flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                       int(max_seqlen_k), bool(causal), scale, name)[0]

@@ -17,6 +17,18 @@ Triton 3.6 and 3.8. LOG2E is the host's copy.
 
 Grids: the (batch, head) programs share grid axis 0 with the query or key blocks, because
 axes 1 and 2 stop at 65535, which B * Hq passes in large batches (2048 sequences x 32 heads).
+
+Packed sequences (the VARLEN constexpr of the forward and backward kernels): q (total_q, Hq,
+D), k and v (total_k, Hkv, D); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and
+cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v (int32 (B + 1,), a sequence may be empty) and
+attends only to itself, the causal mask aligned bottom-right per sequence (diag = Sk_b - Sq_b,
+negative when a sequence has more queries than keys). lse (and the backward's delta) is fp32
+(Hq, total_q). The grid is the dense one sized by max_seqlen; a program reads its sequence's
+first rows and lengths (_sequence) and one past the sequence's end exits at once. A packed
+tensor's row stride serves as its batch stride too (_packed_strides), so the dense addressing
+b * stride_batch becomes first_row * stride_row. A query that sees no key (an empty key
+sequence, or the first Sq_b - Sk_b queries of a causal one) gets out = 0, lse = -inf and zero
+gradients.
 """
 
 from __future__ import annotations
@@ -93,6 +105,43 @@ def _key_bounds(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.c
         hi = seqlen_k
         full_end = seqlen_k // BLOCK_N * BLOCK_N
     return full_end, hi
+
+
+@triton.jit
+def _varlen_seq(cu_seqlens_ptr, b):
+    """Packed sequence b's (first row, length), from its cu_seqlens (int32 (B + 1,))."""
+    row = tl.load(cu_seqlens_ptr + b)
+    return row, tl.load(cu_seqlens_ptr + b + 1) - row
+
+
+@triton.jit
+def _packed_strides(stride_row, stride_head):
+    """A packed tensor's (batch, sequence, head) strides as the programs take them: the row
+    stride twice, since a program offsets its sequence by the first row times the batch
+    stride."""
+    return stride_row, stride_row, stride_head
+
+
+@triton.jit
+def _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """Batch entry b's (first q row, Sq, first k row, Sk): dense, b itself (the kernels scale
+    it by the batch strides) and the given lengths; VARLEN, its packed rows and lengths."""
+    row_q, row_k = b, b
+    if VARLEN:
+        row_q, seqlen_q = _varlen_seq(cu_seqlens_q_ptr, b)
+        row_k, seqlen_k = _varlen_seq(cu_seqlens_k_ptr, b)
+    return row_q, seqlen_q, row_k, seqlen_k
+
+
+@triton.jit
+def _load_lse2(lse_row, offs_m, m_ok, VARLEN: tl.constexpr):
+    """The backward's base-2 lse of rows offs_m: +inf for rows past Sq (their P is exactly 0)
+    and, under VARLEN, for rows that saw no key (lse -inf: their scores are all masked to
+    -inf, and P = exp2(s2 - lse2) would be exp2(-inf - -inf) = NaN)."""
+    lse2 = tl.load(lse_row + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    if VARLEN:
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return lse2
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
