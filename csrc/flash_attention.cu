@@ -8,12 +8,27 @@
 // strides with unit stride along D (views of a fused qkv projection work without a copy);
 // a tensor whose rows are not 16-byte aligned is copied to a contiguous one first. Outputs are
 // contiguous; lse is fp32 (B, Hq, Sq).
+//
+// Packed sequences (flash-attn's varlen layout), the same kernels' VARLEN specializations:
+//   flash_attention_varlen_fwd_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+//                                   max_seqlen_k, causal, softmax_scale) -> (out, lse)
+//   flash_attention_varlen_bwd_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+//                                   max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+//                                   -> (dq, dk, dv)
+// q (total_q, Hq, D), k/v (total_k, Hkv, D) with the same dtypes, head dims and strides rules;
+// cu_seqlens_* contiguous int32 (B + 1,) on q's device. lse is fp32 (Hq, total_q). The kernels
+// read the sequence bounds on the device, so nothing here reads cu_seqlens' values (no host
+// sync): they must run from 0, non-decreasing, to total_q / total_k, with max_seqlen_* at least
+// the longest sequence (llama_kernels.ops.flash_attention_varlen checks that in eager calls).
+// A sequence may be empty or have more queries than keys; a query that sees no key gets out 0,
+// lse -inf and dq 0.
 #include "common.cuh"
 #include "flash_attention_kernels.cuh"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
 #include <mutex>
 #include <set>
@@ -64,12 +79,18 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
               "q: batch * seqlen * heads must be below 2**33, got ", q.sizes());
 }
 
-// The kernels read rows with 16-byte cp.async: unit stride along D and 16-byte aligned rows.
+// scale * log2(e) must be finite in fp32: the kernels scale scores by it.
+void check_scale(double softmax_scale) {
+  TORCH_CHECK(std::isfinite(static_cast<float>(softmax_scale * M_LOG2E)),
+              "softmax_scale: expected a finite value below 2.3e38, got ", softmax_scale);
+}
+
+// The kernels read rows with 16-byte cp.async: unit stride along D and 16-byte aligned rows
+// ((B, S, H, D) or packed (total, H, D)).
 at::Tensor rows_16b(const at::Tensor& t) {
-  const bool ok = t.stride(3) == 1 && is_aligned(t.data_ptr(), 16) &&
-                  (t.stride(0) % 8 == 0 || t.size(0) == 1) &&
-                  (t.stride(1) % 8 == 0 || t.size(1) == 1) &&
-                  (t.stride(2) % 8 == 0 || t.size(2) == 1);
+  const int64_t last = t.dim() - 1;
+  bool ok = t.stride(last) == 1 && is_aligned(t.data_ptr(), 16);
+  for (int64_t i = 0; i < last; ++i) ok = ok && (t.stride(i) % 8 == 0 || t.size(i) == 1);
   // clone, not contiguous(): a contiguous tensor at a misaligned offset must move too.
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
@@ -136,8 +157,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
                                                             const at::Tensor& v_in, bool causal,
                                                             double softmax_scale) {
   check_qkv(q_in, k_in, v_in, causal);
-  TORCH_CHECK(std::isfinite(static_cast<float>(softmax_scale * M_LOG2E)),
-              "softmax_scale: expected a finite value below 2.3e38, got ", softmax_scale);
+  check_scale(softmax_scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_16b(q_in), k = rows_16b(k_in), v = rows_16b(v_in);
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2);
@@ -169,8 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, bool causal,
     double softmax_scale) {
   check_qkv(q_in, k_in, v_in, causal);
-  TORCH_CHECK(std::isfinite(static_cast<float>(softmax_scale * M_LOG2E)),
-              "softmax_scale: expected a finite value below 2.3e38, got ", softmax_scale);
+  check_scale(softmax_scale);
   for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
     check_like(*t, q_in, name);
     TORCH_CHECK(t->sizes() == q_in.sizes(), name, ": expected shape ", q_in.sizes(),
@@ -210,10 +229,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   return {dq, dk, dv};
 }
 
+// ------------------------------------------------------------------------------ packed
+
+void check_packed_like(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == q.device(), name, ": expected device ", q.device(),
+              " (that of q), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+              " (that of q), got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 3, name, ": expected 3 dimensions (total_rows, heads, head_dim), got ",
+              t.sizes());
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const at::Tensor& q, const char* name,
+                      int64_t entries) {
+  TORCH_CHECK(cu.is_cuda() && cu.device() == q.device(), name, ": expected a tensor on ",
+              q.device(), " (that of q), got one on ", cu.device());
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
+              cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1 && cu.is_contiguous(), name,
+              ": expected a contiguous (batch + 1,) tensor, got shape ", cu.sizes(),
+              " and strides ", cu.strides());
+  TORCH_CHECK(entries < 0 || cu.size(0) == entries, name, ": expected shape (", entries,
+              ",) (that of cu_seqlens_q), got ", cu.sizes());
+}
+
+// Shapes, dtypes, devices and sizes of a packed call; the values of cu_seqlens are the caller's
+// (see the top of this file).
+void check_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
+  LK_CHECK_CUDA(q, "q");
+  TORCH_CHECK(q.dim() == 3, "q: expected 3 dimensions (total_q, heads_q, head_dim), got ",
+              q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q: expected dtype float16 or bfloat16, got ", q.scalar_type());
+  const int64_t d = q.size(2);
+  TORCH_CHECK(d == 64 || d == 128, "q: head_dim must be 64 or 128 for the cuda backend, got ", d);
+  check_packed_like(k, q, "k");
+  check_packed_like(v, q, "v");
+  TORCH_CHECK(k.size(2) == d, "k: expected shape (total_k, heads_kv, ", d, ") to match q ",
+              q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected shape ", k.sizes(), " (that of k), got ",
+              v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "k: the number of kv heads (",
+              k.size(1), ") must divide the number of query heads (", q.size(1), ")");
+  check_cu_seqlens(cu_q, q, "cu_seqlens_q", -1);
+  check_cu_seqlens(cu_k, q, "cu_seqlens_k", cu_q.size(0));
+  const int64_t batch = cu_q.size(0) - 1;
+  TORCH_CHECK(batch <= kMaxGridYZ && q.size(1) <= kMaxGridYZ, "q: batch (", batch,
+              ") and heads (", q.size(1), ") must be at most ", kMaxGridYZ);
+  // cu_seqlens are int32: every packed row index fits.
+  TORCH_CHECK(q.size(0) <= INT32_MAX && k.size(0) <= INT32_MAX,
+              "q, k: packed lengths must fit int32 (cu_seqlens), got ", q.size(0), " and ",
+              k.size(0));
+  for (const auto& [n, total, name] : {std::tuple{max_q, q.size(0), "max_seqlen_q"},
+                                       std::tuple{max_k, k.size(0), "max_seqlen_k"}}) {
+    TORCH_CHECK(n >= 0 && n < (int64_t(1) << 30), name, ": expected a length in [0, 2**30), got ",
+                n);
+    // Rows exist, so a sequence does: the grid sized by the longest must not be empty.
+    TORCH_CHECK(n > 0 || total == 0, name, ": expected at least the longest sequence, got 0 "
+                "with ", total, " packed rows");
+  }
+  TORCH_CHECK(batch > 0 || q.size(0) + k.size(0) == 0, "cu_seqlens_q: expected at least one "
+              "sequence for ", q.size(0), " query and ", k.size(0), " key rows");
+  // delta's row kernel launches one warp per (head, packed query), 8 per block.
+  TORCH_CHECK(q.size(0) * q.size(1) < (int64_t(1) << 33),
+              "q: total_q * heads must be below 2**33, got ", q.sizes());
+}
+
+Strides packed_strides(const at::Tensor& t) { return {0, t.stride(0), t.stride(1)}; }
+
+AttnParams make_packed_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                              int64_t max_k, bool causal, double softmax_scale) {
+  AttnParams p{};
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.q_s = packed_strides(q), p.k_s = packed_strides(k), p.v_s = packed_strides(v);
+  p.batch = cu_q.size(0) - 1, p.heads_q = q.size(1), p.heads_kv = k.size(1);
+  p.seqlen_q = max_q, p.seqlen_k = max_k;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  p.causal = causal;
+  p.num_splits = 0;  // no decode path: the prefill kernel runs every query count
+  p.cu_seqlens_q = cu_q.data_ptr<int>(), p.cu_seqlens_k = cu_k.data_ptr<int>();
+  p.total_q = q.size(0);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_varlen_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double softmax_scale) {
+  check_packed(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_scale(softmax_scale);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_16b(q_in), k = rows_16b(k_in), v = rows_16b(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (k.size(0) == 0) return {out.zero_(), lse.fill_(-INFINITY)};  // no sequence has a key
+  AttnParams p = make_packed_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, causal, softmax_scale);
+  p.o = out.data_ptr(), p.o_s = packed_strides(out), p.lse = lse.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const int d = q.size(2), device = q.get_device();
+    check_smem_fits(device, d, [&](auto&& dry) { attention::run_forward<T>(p, d, dry); });
+    attention::run_forward<T>(p, d, launcher(stream, device));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_varlen_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double softmax_scale) {
+  check_packed(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_scale(softmax_scale);
+  for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
+    check_packed_like(*t, q_in, name);
+    TORCH_CHECK(t->sizes() == q_in.sizes(), name, ": expected shape ", q_in.sizes(),
+                " (that of q), got ", t->sizes());
+  }
+  LK_CHECK_CUDA(lse, "lse");
+  LK_CHECK_SAME_DEVICE(lse, q_in, "lse", "q");
+  LK_CHECK_DTYPE(lse, at::kFloat, "lse");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q_in.size(1) && lse.size(1) == q_in.size(0),
+              "lse: expected shape (heads_q, total_q) = (", q_in.size(1), ", ", q_in.size(0),
+              "), got ", lse.sizes());
+  LK_CHECK_CONTIGUOUS(lse, "lse");
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_16b(q_in), k = rows_16b(k_in), v = rows_16b(v_in);
+  const at::Tensor dout = rows_16b(dout_in), out = rows_16b(out_in);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dk.numel() == 0) return {dq.zero_(), dk, dv};
+  if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  AttnParams p = make_packed_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, causal, softmax_scale);
+  p.out = out.data_ptr(), p.dout = dout.data_ptr();
+  p.out_s = packed_strides(out), p.dout_s = packed_strides(dout);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dq_s = packed_strides(dq), p.dk_s = packed_strides(dk), p.dv_s = packed_strides(dv);
+  p.lse = lse.data_ptr<float>(), p.delta = delta.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const int d = q.size(2), device = q.get_device();
+    check_smem_fits(device, d, [&](auto&& dry) { attention::run_backward<T>(p, d, dry); });
+    attention::run_backward<T>(p, d, launcher(stream, device));
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 }  // namespace llama_kernels
 
 TORCH_LIBRARY_IMPL(llama_kernels, CUDA, m) {
   m.impl("flash_attention_fwd_cuda", &llama_kernels::flash_attention_fwd_cuda);
   m.impl("flash_attention_bwd_cuda", &llama_kernels::flash_attention_bwd_cuda);
+  m.impl("flash_attention_varlen_fwd_cuda", &llama_kernels::flash_attention_varlen_fwd_cuda);
+  m.impl("flash_attention_varlen_bwd_cuda", &llama_kernels::flash_attention_varlen_bwd_cuda);
 }

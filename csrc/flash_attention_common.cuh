@@ -15,6 +15,10 @@
 //   16-byte aligned; query head h reads kv head h / (Hq / Hkv), Hq % Hkv == 0. Causal masks are
 //   aligned bottom-right: query i sees key j iff j <= i + Sk - Sq (causal needs Sq <= Sk).
 //   lse (B, Hq, Sq) fp32, natural log; a row that sees no key gets o = 0 and lse = -inf.
+//   Packed sequences (flash-attn's varlen layout, the kernels' VARLEN specializations): q
+//   (total_q, Hq, D), k and v (total_k, Hkv, D), sequence b the rows between cu_seqlens[b] and
+//   cu_seqlens[b + 1], each with its own Sq and Sk (either may be 0, and Sq > Sk under a causal
+//   mask leaves the first Sq - Sk rows blind); lse (Hq, total_q).
 //   D is 64 or 128; T (the element type) is __half or __nv_bfloat16.
 #pragma once
 
@@ -57,6 +61,14 @@ struct AttnParams {
   int num_splits;
   float* o_partial;
   float* lse_partial;
+  // Packed sequences (the VARLEN kernels; nullptr: dense). Sequence b is rows
+  // cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, o, out, dout, dq and rows cu_seqlens_k[b] ..
+  // of k, v, dk, dv (int32, B + 1 entries from 0); the batch strides are not used; lse and
+  // delta are (Hq, total_q); seqlen_q and seqlen_k are the longest sequences (they size the
+  // grids), batch is B.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int64_t total_q;
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -113,6 +125,46 @@ __host__ __device__ constexpr int swizzle(int row, int col) {
 }
 
 // ------------------------------------------------------------------------------ device helpers
+
+// The rows of batch entry b: its first query and key rows in the packed tensors and its lengths,
+// read from cu_seqlens on the device when VARLEN; dense, every entry has seqlen_q and seqlen_k
+// rows at its batch stride (first rows 0, folded away).
+struct Sequence {
+  int64_t q0, k0;
+  int sq, sk;
+};
+template <bool VARLEN>
+__device__ __forceinline__ Sequence sequence(const AttnParams& p, int b) {
+  if constexpr (VARLEN) {
+    const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+    return {q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
+  } else {
+    return {0, 0, p.seqlen_q, p.seqlen_k};
+  }
+}
+
+// Element offset of batch entry b's row 0 in a tensor of strides s whose packed sequence starts
+// at row `first` (VARLEN), else at b's batch stride.
+template <bool VARLEN>
+__device__ __forceinline__ int64_t batch_offset(const Strides& s, int b, int64_t first) {
+  if constexpr (VARLEN) {
+    return first * s.row;
+  } else {
+    return b * s.batch;
+  }
+}
+
+// Index of (batch entry b, query head h, query row 0) in lse and delta: (B, Hq, Sq) dense,
+// (Hq, total_q) packed, with sequence b's queries from packed row q0 on.
+template <bool VARLEN>
+__device__ __forceinline__ int64_t lse_offset(const AttnParams& p, int b, int h, int64_t q0,
+                                              int sq) {
+  if constexpr (VARLEN) {
+    return h * p.total_q + q0;
+  } else {
+    return (int64_t(b) * p.heads_q + h) * sq;
+  }
+}
 
 // The block of a kernel over query blocks (forward, dQ): grid (query blocks, Hq, B), taken last
 // query block first, so that under a causal mask the blocks with the most keys start first;

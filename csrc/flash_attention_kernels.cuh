@@ -20,10 +20,12 @@
 //   template <typename T, typename Launch>
 //   void run_backward(const AttnParams& p, int head_dim, Launch&& launch);  // dq, dk, dv
 // T is __half or __nv_bfloat16; head_dim is 64 or 128 (others are refused by the callers).
+// Packed sequences (p.cu_seqlens_q set) launch the kernels' VARLEN specializations on the same
+// grids, sized by the longest sequences (p.seqlen_q, p.seqlen_k), and never the decode kernel.
 // Preconditions (the callers check them): the conventions of flash_attention_common.cuh,
-// seqlen_q <= seqlen_k when causal, batch and heads_q at most 65535 (grid y and z), and for the
-// forward p.num_splits from decode_splits. flash_attention.cu returns before any launch when q
-// or k is empty.
+// seqlen_q <= seqlen_k when causal (dense), batch and heads_q at most 65535 (grid y and z), and
+// for the forward p.num_splits from decode_splits (0 when packed). flash_attention.cu returns
+// before any launch when q or k is empty.
 #pragma once
 
 #include "flash_attention_common.cuh"
@@ -34,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 namespace llama_kernels {
 namespace attention {
@@ -96,16 +99,30 @@ void with_head_dim(int head_dim, F&& f) {
   }
 }
 
+// Calls f(std::true_type{}) for packed sequences (p.cu_seqlens_q set), else f(std::false_type{}):
+// the VARLEN flag of the kernels to launch.
+template <typename F>
+void with_varlen(const AttnParams& p, F&& f) {
+  if (p.cu_seqlens_q != nullptr) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
 // p.num_splits from decode_splits: 0 runs the prefill kernel, else the decode kernel (and the
 // combine kernel when there are several splits; the caller allocates o_partial, lse_partial).
+// Packed sequences take the prefill kernel at every query count (num_splits 0).
 template <typename T, typename Launch>
 void run_forward(const AttnParams& p, int head_dim, Launch&& launch) {
+  if (p.cu_seqlens_q != nullptr && p.num_splits != 0) {
+    throw std::invalid_argument("flash attention: packed sequences take no decode splits");
+  }
   with_head_dim(head_dim, [&](auto config) {
     using Tile = typename decltype(config)::Fwd;
     if (p.num_splits == 0) {
       const dim3 grid(ceil_div(p.seqlen_q, Tile::BLOCK_M), p.heads_q, p.batch);
-      launch("flash_fwd_kernel", flash_fwd_kernel<T, Tile>, grid, dim3(Tile::THREADS),
-             Tile::SMEM_BYTES, p);
+      with_varlen(p, [&](auto varlen) {
+        launch("flash_fwd_kernel", flash_fwd_kernel<T, Tile, decltype(varlen)::value>, grid,
+               dim3(Tile::THREADS), Tile::SMEM_BYTES, p);
+      });
       return;
     }
     auto decode = [&](auto tile) {
@@ -131,17 +148,22 @@ void run_forward(const AttnParams& p, int head_dim, Launch&& launch) {
 template <typename T, typename Launch>
 void run_backward(const AttnParams& p, int head_dim, Launch&& launch) {
   with_head_dim(head_dim, [&](auto config) {
-    using Dkdv = typename decltype(config)::Dkdv;
-    using Dq = typename decltype(config)::Dq;
-    const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
-    launch("flash_bwd_delta_kernel", flash_bwd_delta_kernel<T, Dq::D>,
-           dim3(unsigned((rows + 7) / 8)), dim3(256), 0, p);
-    launch("flash_bwd_dkdv_kernel", flash_bwd_dkdv_kernel<T, Dkdv>,
-           dim3(ceil_div(p.seqlen_k, Dkdv::BLOCK_OWN), p.heads_kv, p.batch), dim3(Dkdv::THREADS),
-           Dkdv::SMEM_BYTES, p);
-    launch("flash_bwd_dq_kernel", flash_bwd_dq_kernel<T, Dq>,
-           dim3(ceil_div(p.seqlen_q, Dq::BLOCK_OWN), p.heads_q, p.batch), dim3(Dq::THREADS),
-           Dq::SMEM_BYTES, p);
+    with_varlen(p, [&](auto varlen) {
+      constexpr bool VARLEN = decltype(varlen)::value;
+      using Dkdv = typename decltype(config)::Dkdv;
+      using Dq = typename decltype(config)::Dq;
+      // One warp per row of delta: (B, Hq, Sq), or (Hq, total_q) packed.
+      const int64_t rows = VARLEN ? p.heads_q * p.total_q
+                                  : int64_t(p.batch) * p.heads_q * p.seqlen_q;
+      launch("flash_bwd_delta_kernel", flash_bwd_delta_kernel<T, Dq::D, VARLEN>,
+             dim3(unsigned((rows + 7) / 8)), dim3(256), 0, p);
+      launch("flash_bwd_dkdv_kernel", flash_bwd_dkdv_kernel<T, Dkdv, VARLEN>,
+             dim3(ceil_div(p.seqlen_k, Dkdv::BLOCK_OWN), p.heads_kv, p.batch),
+             dim3(Dkdv::THREADS), Dkdv::SMEM_BYTES, p);
+      launch("flash_bwd_dq_kernel", flash_bwd_dq_kernel<T, Dq, VARLEN>,
+             dim3(ceil_div(p.seqlen_q, Dq::BLOCK_OWN), p.heads_q, p.batch), dim3(Dq::THREADS),
+             Dq::SMEM_BYTES, p);
+    });
   });
 }
 

@@ -15,9 +15,16 @@
 // its query blocks in a fixed order) and flash_bwd_dq_kernel a query block (dQ in registers),
 // each recomputing P, so S and dP are computed in both.
 //
-// Preconditions: lse from the forward of the same q, k, v, causal and scale; delta (B, Hq, Sq)
-// fp32 scratch; causal needs seqlen_q <= seqlen_k; the three kernels run in order on one
-// stream (run_backward in flash_attention_kernels.cuh): delta, then dK/dV and dQ, which read it.
+// VARLEN (packed sequences, AttnParams::cu_seqlens_q): the dK/dV and dQ kernels run over
+// sequence b's rows with its bounds from cu_seqlens, grids sized by the longest sequence, and a
+// block past its own sequence's end exits at once; delta walks the (Hq, total_q) rows, which
+// need no sequence bounds. Every key row of a sequence gets its dK, dV written (zero where no
+// query sees it), every query row its dQ.
+//
+// Preconditions: lse from the forward of the same q, k, v, causal and scale; delta (B, Hq, Sq),
+// or (Hq, total_q) packed, fp32 scratch; dense causal needs seqlen_q <= seqlen_k; the three
+// kernels run in order on one stream (run_backward in flash_attention_kernels.cuh): delta, then
+// dK/dV and dQ, which read it.
 #pragma once
 
 #include "flash_attention_common.cuh"
@@ -25,19 +32,31 @@
 namespace llama_kernels {
 namespace attention {
 
-// delta = rowsum(dout * out) in fp32, one warp per (batch, head, query) row; (B, Hq, Sq).
-template <typename T, int D>
+// delta = rowsum(dout * out) in fp32, one warp per (batch, head, query) row; (B, Hq, Sq), or
+// one per (head, packed query) row when VARLEN, (Hq, total_q).
+template <typename T, int D, bool VARLEN = false>
 __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const AttnParams p) {
-  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q, row = warp_row();
+  const int64_t rows = VARLEN ? p.heads_q * p.total_q
+                              : int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t row = warp_row();
   const int lane = threadIdx.x % kWarpSize;
   if (row >= rows) return;  // whole warps leave together
-  const int i = row % p.seqlen_q;
-  const int h = row / p.seqlen_q % p.heads_q;
-  const int b = row / (int64_t(p.seqlen_q) * p.heads_q);
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head +
-                  i * p.dout_s.row;
-  const T* out = static_cast<const T*>(p.out) + b * p.out_s.batch + h * p.out_s.head +
-                 i * p.out_s.row;
+  const T* dout;
+  const T* out;
+  if constexpr (VARLEN) {
+    const int64_t i = row % p.total_q;
+    const int h = row / p.total_q;
+    dout = static_cast<const T*>(p.dout) + h * p.dout_s.head + i * p.dout_s.row;
+    out = static_cast<const T*>(p.out) + h * p.out_s.head + i * p.out_s.row;
+  } else {
+    const int i = row % p.seqlen_q;
+    const int h = row / p.seqlen_q % p.heads_q;
+    const int b = row / (int64_t(p.seqlen_q) * p.heads_q);
+    dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head +
+           i * p.dout_s.row;
+    out = static_cast<const T*>(p.out) + b * p.out_s.batch + h * p.out_s.head +
+          i * p.out_s.row;
+  }
   float acc = 0.f;
 #pragma unroll
   for (int d = 2 * lane; d < D; d += 2 * kWarpSize) {
@@ -96,7 +115,7 @@ __device__ __forceinline__ void paired_products(float (&acc1)[NT][4], float (&ac
 
 // dK and dV of one block of BLOCK_OWN keys of kv head h_kv, grid (ceil(Sk / BLOCK_OWN), Hkv, B):
 // the steps walk every query block that sees the key block, for each query head of the group.
-template <typename T, typename Tile>
+template <typename T, typename Tile, bool VARLEN = false>
 __global__ void __launch_bounds__(Tile::THREADS)
     flash_bwd_dkdv_kernel(const AttnParams p) {
   constexpr int D = Tile::D, BLOCK_N = Tile::BLOCK_OWN, BLOCK_M = Tile::BLOCK_STEP;
@@ -106,7 +125,9 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
   const SwizzledLanes<D> lanes(lane);
-  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const Sequence seq = sequence<VARLEN>(p, b);
+  const int sq = seq.sq, sk = seq.sk;
+  if (VARLEN && n_block * BLOCK_N >= sk) return;  // past this sequence's keys (block-uniform)
   const int key0 = warp * 16;  // this warp's first key row in the block
 
   T* s_k = reinterpret_cast<T*>(tc::dynamic_smem());
@@ -119,8 +140,10 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const uint32_t sh_q = tc::smem_addr(s_q), sh_do = tc::smem_addr(s_do);
 
   const int64_t key_offset = int64_t(n_block) * BLOCK_N;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  const T* k = static_cast<const T*>(p.k) + batch_offset<VARLEN>(p.k_s, b, seq.k0) +
+               h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + batch_offset<VARLEN>(p.v_s, b, seq.k0) +
+               h_kv * p.v_s.head;
   load_tile<T, D, BLOCK_N, THREADS>(sh_k, k + key_offset * p.k_s.row, p.k_s.row, sk - key_offset);
   load_tile<T, D, BLOCK_N, THREADS>(sh_v, v + key_offset * p.v_s.row, p.v_s.row, sk - key_offset);
 
@@ -138,15 +161,17 @@ __global__ void __launch_bounds__(Tile::THREADS)
     const int h = h_kv * group + step / m_count;
     const int m = m_begin + step % m_count;
     const int64_t row0 = int64_t(m) * BLOCK_M;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head;
-    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head;
+    const T* q = static_cast<const T*>(p.q) + batch_offset<VARLEN>(p.q_s, b, seq.q0) +
+                 h * p.q_s.head;
+    const T* dout = static_cast<const T*>(p.dout) + batch_offset<VARLEN>(p.dout_s, b, seq.q0) +
+                    h * p.dout_s.head;
     load_tile<T, D, BLOCK_M, THREADS>(sh_q + 2 * buf * BLOCK_M * D, q + row0 * p.q_s.row,
                                       p.q_s.row, sq - row0);
     load_tile<T, D, BLOCK_M, THREADS>(sh_do + 2 * buf * BLOCK_M * D, dout + row0 * p.dout_s.row,
                                       p.dout_s.row, sq - row0);
     const int64_t row = row0 + threadIdx.x;
     const bool ok = threadIdx.x < BLOCK_M && row < sq;  // past the end: P = 0, delta = 0
-    const int64_t at = (int64_t(b) * p.heads_q + h) * sq + row;
+    const int64_t at = lse_offset<VARLEN>(p, b, h, seq.q0, sq) + row;
     next_lse = ok ? p.lse[at] * kLog2e : INFINITY;
     next_delta = ok ? p.delta[at] : 0.f;
   };
@@ -224,9 +249,10 @@ __global__ void __launch_bounds__(Tile::THREADS)
   }
 
   // Stage through the K and V tiles (each warp only ever read its own rows of them). With no
-  // step (seqlen_q == 0, which flash_attention.cu never launches) the K and V copies were never
-  // waited for: every thread waits for its own, and the barrier makes sure none lands after the
-  // staging stores (block-uniform branch), as in the forward's and the dQ kernel's epilogues.
+  // step (no query sees the block: a packed sequence without queries, or dense seqlen_q == 0,
+  // which flash_attention.cu never launches) the K and V copies were never waited for: every
+  // thread waits for its own, and the barrier makes sure none lands after the staging stores
+  // (block-uniform branch), as in the forward's and the dQ kernel's epilogues.
   if (steps == 0) {
     tc::cp_async_wait<0>();
     tc::block_sync();
@@ -234,17 +260,17 @@ __global__ void __launch_bounds__(Tile::THREADS)
   accumulators_to_smem<T, D>(s_k, dk, key0, lane);
   accumulators_to_smem<T, D>(s_v, dv, key0, lane);
   tc::block_sync();
-  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_s.batch + h_kv * p.dk_s.head +
-              key_offset * p.dk_s.row;
-  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_s.batch + h_kv * p.dv_s.head +
-              key_offset * p.dv_s.row;
+  T* dk_out = static_cast<T*>(p.dk) + batch_offset<VARLEN>(p.dk_s, b, seq.k0) +
+              h_kv * p.dk_s.head + key_offset * p.dk_s.row;
+  T* dv_out = static_cast<T*>(p.dv) + batch_offset<VARLEN>(p.dv_s, b, seq.k0) +
+              h_kv * p.dv_s.head + key_offset * p.dv_s.row;
   store_tile<T, D, BLOCK_N, THREADS>(dk_out, s_k, p.dk_s.row, sk - key_offset);
   store_tile<T, D, BLOCK_N, THREADS>(dv_out, s_v, p.dv_s.row, sk - key_offset);
 }
 
 // dQ of one block of BLOCK_OWN queries of query head h, grid (ceil(Sq / BLOCK_OWN), Hq, B): the
 // steps walk the key blocks the query block sees.
-template <typename T, typename Tile>
+template <typename T, typename Tile, bool VARLEN = false>
 __global__ void __launch_bounds__(Tile::THREADS)
     flash_bwd_dq_kernel(const AttnParams p) {
   constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_OWN, BLOCK_N = Tile::BLOCK_STEP;
@@ -253,7 +279,9 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
   const SwizzledLanes<D> lanes(lane);
-  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const Sequence seq = sequence<VARLEN>(p, b);
+  const int sq = seq.sq, sk = seq.sk;
+  if (VARLEN && m_block * BLOCK_M >= sq) return;  // past this sequence's end (block-uniform)
   const int row0 = warp * 16;
 
   T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
@@ -264,10 +292,14 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const uint32_t sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
 
   const int64_t q_offset = int64_t(m_block) * BLOCK_M;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_s.batch + h * p.dout_s.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  const T* q = static_cast<const T*>(p.q) + batch_offset<VARLEN>(p.q_s, b, seq.q0) +
+               h * p.q_s.head;
+  const T* dout = static_cast<const T*>(p.dout) + batch_offset<VARLEN>(p.dout_s, b, seq.q0) +
+                  h * p.dout_s.head;
+  const T* k = static_cast<const T*>(p.k) + batch_offset<VARLEN>(p.k_s, b, seq.k0) +
+               h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + batch_offset<VARLEN>(p.v_s, b, seq.k0) +
+               h_kv * p.v_s.head;
   load_tile<T, D, BLOCK_M, THREADS>(sh_q, q + q_offset * p.q_s.row, p.q_s.row, sq - q_offset);
   load_tile<T, D, BLOCK_M, THREADS>(sh_do, dout + q_offset * p.dout_s.row, p.dout_s.row,
                                     sq - q_offset);
@@ -283,7 +315,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = int(q_offset) + row0 + g + 8 * r;
-    const int64_t at = (int64_t(b) * p.heads_q + h) * sq + i;
+    const int64_t at = lse_offset<VARLEN>(p, b, h, seq.q0, sq) + i;
     lse[r] = i < sq ? p.lse[at] * kLog2e : INFINITY;
     delta[r] = i < sq ? p.delta[at] : 0.f;
   }
@@ -341,7 +373,8 @@ __global__ void __launch_bounds__(Tile::THREADS)
   }
   accumulators_to_smem<T, D>(s_q, dq, row0, lane);
   tc::block_sync();
-  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_s.batch + h * p.dq_s.head + q_offset * p.dq_s.row;
+  T* dq_out = static_cast<T*>(p.dq) + batch_offset<VARLEN>(p.dq_s, b, seq.q0) + h * p.dq_s.head +
+              q_offset * p.dq_s.row;
   store_tile<T, D, BLOCK_M, THREADS>(dq_out, s_q, p.dq_s.row, sq - q_offset);
 }
 

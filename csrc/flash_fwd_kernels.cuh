@@ -12,9 +12,14 @@
 // used directly as the A operand of P V. At the end O is divided by the row sum and staged
 // through the Q tile for 16-byte stores.
 //
-// Preconditions: causal needs seqlen_q <= seqlen_k; seqlen_k == 0 is handled (O = 0,
-// lse = -inf); grid (ceil(Sq / BLOCK_M), Hq, B), Tile::THREADS threads, Tile::SMEM_BYTES of
-// dynamic shared memory (run_forward in flash_attention_kernels.cuh).
+// VARLEN (packed sequences, AttnParams::cu_seqlens_q): the same program over sequence b's rows,
+// its bounds read from cu_seqlens; the grid is sized by the longest sequence and a block past
+// its own sequence's end exits at once. A sequence may have more queries than keys, or none:
+// under a causal mask its first rows then see no key.
+//
+// Preconditions: dense causal needs seqlen_q <= seqlen_k; a sequence without keys is handled
+// (O = 0, lse = -inf); grid (ceil(Sq / BLOCK_M), Hq, B), Tile::THREADS threads,
+// Tile::SMEM_BYTES of dynamic shared memory (run_forward in flash_attention_kernels.cuh).
 #pragma once
 
 #include "flash_attention_common.cuh"
@@ -33,7 +38,7 @@ struct FwdTile {
   static_assert(BLOCK_M % (16 * WARPS) == 0 && BLOCK_N % 16 == 0 && D % 16 == 0, "tile shape");
 };
 
-template <typename T, typename Tile>
+template <typename T, typename Tile, bool VARLEN = false>
 __global__ void __launch_bounds__(Tile::THREADS)
     flash_fwd_kernel(const AttnParams p) {
   constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_M, BLOCK_N = Tile::BLOCK_N;
@@ -42,13 +47,17 @@ __global__ void __launch_bounds__(Tile::THREADS)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
   const SwizzledLanes<D> lanes(lane);
-  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const Sequence seq = sequence<VARLEN>(p, b);
+  const int sq = seq.sq, sk = seq.sk;
+  if (VARLEN && m_block * BLOCK_M >= sq) return;  // past this sequence's end (block-uniform)
   const int row0 = warp * MT * 16;  // this warp's first row in the block
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_s.batch + h * p.q_s.head +
-               int64_t(m_block) * BLOCK_M * p.q_s.row;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  const T* q = static_cast<const T*>(p.q) + batch_offset<VARLEN>(p.q_s, b, seq.q0) +
+               h * p.q_s.head + int64_t(m_block) * BLOCK_M * p.q_s.row;
+  const T* k = static_cast<const T*>(p.k) + batch_offset<VARLEN>(p.k_s, b, seq.k0) +
+               h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + batch_offset<VARLEN>(p.v_s, b, seq.k0) +
+               h_kv * p.v_s.head;
   T* s_q = reinterpret_cast<T*>(tc::dynamic_smem());
   T* s_k = s_q + BLOCK_M * D;
   T* s_v = s_k + BLOCK_N * D;
@@ -154,7 +163,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
   }
 
   // O /= rowsum; lse = ln 2 * (max + log2 rowsum). A row that saw no key gets O = 0, lse = -inf.
-  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * sq;
+  float* lse = p.lse + lse_offset<VARLEN>(p, b, h, seq.q0, sq);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -182,7 +191,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) accumulators_to_smem<T, D>(s_q, o[mt], row0 + mt * 16, lane);
   tc::block_sync();
-  T* out = static_cast<T*>(p.o) + b * p.o_s.batch + h * p.o_s.head +
+  T* out = static_cast<T*>(p.o) + batch_offset<VARLEN>(p.o_s, b, seq.q0) + h * p.o_s.head +
            int64_t(m_block) * BLOCK_M * p.o_s.row;
   store_tile<T, D, BLOCK_M, THREADS>(out, s_q, p.o_s.row, sq - m_block * BLOCK_M);
 }

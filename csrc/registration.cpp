@@ -31,4 +31,10 @@ TORCH_LIBRARY(llama_kernels, m) {
         " -> (Tensor, Tensor)");
   m.def("flash_attention_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,"
         " Tensor lse, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+  m.def("flash_attention_varlen_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
+        " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
+        " float softmax_scale) -> (Tensor, Tensor)");
+  m.def("flash_attention_varlen_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,"
+        " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+        " int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -123,7 +123,8 @@ def test_every_cuda_schema_has_a_cuda_kernel():
     names = _cuda_schemas()
     for expected in ("rms_norm_fwd_cuda", "add_rms_norm_fwd_cuda", "rms_norm_bwd_cuda",
                      "swiglu_fwd_cuda", "swiglu_bwd_cuda", "rotary_cuda",
-                     "flash_attention_fwd_cuda", "flash_attention_bwd_cuda"):
+                     "flash_attention_fwd_cuda", "flash_attention_bwd_cuda",
+                     "flash_attention_varlen_fwd_cuda", "flash_attention_varlen_bwd_cuda"):
         assert f"llama_kernels::{expected}" in names
     missing = [name for name in names
                if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")]
@@ -194,9 +195,10 @@ def test_attention_uses_tensor_cores(sass, arch):
     functions = _ours(_require_arch(sass, arch))
     for family in TENSOR_CORE:
         bodies = {name: body for name, body in functions.items() if family in name}
-        # (__half, __nv_bfloat16) x (head_dim 64, 128), and the decode kernel per row tile
-        # count (1, 2 or 4 m16 tiles of packed grouped-query rows)
-        expected = 12 if family == "flash_decode_kernel" else 4
+        # (__half, __nv_bfloat16) x (head_dim 64, 128), for the prefill and backward kernels
+        # dense and packed (VARLEN), and for the decode kernel per row tile count (1, 2 or 4 m16
+        # tiles of packed grouped-query rows)
+        expected = 12 if family == "flash_decode_kernel" else 8
         assert len(bodies) == expected, f"{family} on {arch}: {sorted(bodies)}"
         for name, body in bodies.items():
             dtype = "BF16" if "nv_bfloat16" in name else "F16"
@@ -226,6 +228,12 @@ _CUDA_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
               0.125), "q"),
     ("flash_attention_bwd_cuda",
      lambda: (*[torch.randn(1, 3, 2, 64)] * 5, torch.randn(1, 2, 3), True, 0.125), "q"),
+    ("flash_attention_varlen_fwd_cuda",
+     lambda: (*[torch.randn(3, 2, 64)] * 3, *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3,
+              True, 0.125), "q"),
+    ("flash_attention_varlen_bwd_cuda",
+     lambda: (*[torch.randn(3, 2, 64)] * 5, torch.randn(2, 3),
+              *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3, True, 0.125), "q"),
 ])
 def test_cuda_kernel_checks_its_inputs_first(name, args, first):
     # Reaching the CUDA kernel itself with CPU tensors (redispatch skips the CPU dispatch key)

@@ -227,7 +227,7 @@ def test_nothing_to_attend():
 def test_auto_and_dispatch():
     """triton is a kernel backend of the op: auto runs it on a GPU (torch on a CPU), and a
     head_dim past the kernels' limit is refused by name and passed over by auto."""
-    assert ops_varlen.KERNEL_BACKENDS == ("triton",)
+    assert "triton" in ops_varlen.KERNEL_BACKENDS
     q, k, v, cu_q, cu_k = _packed([3, 5], [4, 5], 4, 2, 8, torch.float32, poison=False)
     with pytest.raises(ValueError, match="head_dim 264"):
         big = torch.randn(8, 1, 264, device=DEVICE)

@@ -12,8 +12,11 @@ cu_seqlens_k) and attends only to itself, causal aligned bottom-right per sequen
 sees no key outputs 0. This is what padding-free training (several documents in one row) and
 padded batches without the padding need.
 
-Backends: "triton" runs llama_kernels/triton/flash_attention_varlen.py (what auto picks on a
-GPU), "torch" the reference (reference.attention_varlen_with_lse / attention_varlen_backward).
+Backends: "triton" runs llama_kernels/triton/flash_attention_varlen.py (what auto picks first on
+a GPU, as for the dense attention), "cuda" the extension's flash_attention_varlen_fwd_cuda /
+flash_attention_varlen_bwd_cuda (the dense CUDA kernels' packed specializations: head_dim 64 or
+128, fp16 and bf16; auto passes over it for anything else), "torch" the reference
+(reference.attention_varlen_with_lse / attention_varlen_backward).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from torch import Tensor
 
 from llama_kernels import reference
 from llama_kernels.ops import _backend, _checks
-from llama_kernels.ops.flash_attention import TRITON_MAX_HEAD_DIM
+from llama_kernels.ops.flash_attention import AUTO_ORDER, CUDA_HEAD_DIMS, TRITON_MAX_HEAD_DIM
 
 # Backends with a packed kernel; auto passes over the others (to torch).
-KERNEL_BACKENDS: tuple[str, ...] = ("triton",)
+KERNEL_BACKENDS: tuple[str, ...] = ("triton", "cuda")
 TRITON_MODULE = "flash_attention_varlen"
+CUDA_FWD, CUDA_BWD = "flash_attention_varlen_fwd_cuda", "flash_attention_varlen_bwd_cuda"
 
 
 @torch.library.custom_op("llama_kernels::flash_attention_varlen_fwd", mutates_args=())
@@ -37,6 +41,9 @@ def flash_attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
                                cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                causal: bool, softmax_scale: float,
                                backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "cuda":
+        return _backend.cuda_op(CUDA_FWD)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, causal, softmax_scale)
     if backend == "triton":
         return _backend.triton_module(TRITON_MODULE).flash_attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
@@ -58,6 +65,9 @@ def flash_attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                                softmax_scale: float,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cuda":
+        return _backend.cuda_op(CUDA_BWD)(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                          max_seqlen_q, max_seqlen_k, causal, softmax_scale)
     if backend == "triton":
         return _backend.triton_module(TRITON_MODULE).flash_attention_varlen_bwd(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -138,6 +148,20 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, soft
         raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
 
 
+def unsupported_reasons(q: Tensor) -> dict[str, str]:
+    """The kernel backends that cannot take packed q (total_q, Hq, D), each with the reason."""
+    d, reasons = q.shape[-1], {}
+    if d not in CUDA_HEAD_DIMS:
+        reasons["cuda"] = f"head_dim {d} (cuda kernels are built for {CUDA_HEAD_DIMS})"
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        reasons["cuda"] = f"{q.dtype} inputs (cuda kernels take fp16 and bf16)"
+    elif q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons["cuda"] = "GPUs before sm_80 (the kernels use sm_80 tensor-core instructions)"
+    if d > TRITON_MAX_HEAD_DIM:
+        reasons["triton"] = f"head_dim {d} (triton kernels take head_dim <= {TRITON_MAX_HEAD_DIM})"
+    return reasons
+
+
 def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                            cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                            causal: bool = True, softmax_scale: float | None = None,
@@ -151,13 +175,8 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     """
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    unsupported = {b: "packed sequences (no kernel yet)" for b in ("cuda", "triton")
-                   if b not in KERNEL_BACKENDS}
-    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        unsupported.setdefault("triton", f"head_dim {q.shape[-1]} (triton kernels take "
-                                         f"head_dim <= {TRITON_MAX_HEAD_DIM})")
     name = _backend.resolve(backend, op="flash_attention_varlen", device=q.device,
-                            cuda_kernel="flash_attention_fwd_cuda",
-                            triton_module=TRITON_MODULE, unsupported=unsupported)
+                            cuda_kernel=CUDA_FWD, triton_module=TRITON_MODULE,
+                            unsupported=unsupported_reasons(q), auto_order=AUTO_ORDER)
     return flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                       int(max_seqlen_k), bool(causal), scale, name)[0]

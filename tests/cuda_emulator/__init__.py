@@ -7,6 +7,13 @@ against tests/cuda_emulator/emulator.h, an emulation of csrc/tensor_core.cuh.
     flash_forward(q, k, v, causal, softmax_scale, schedule_seed=None)              -> (out, lse)
     flash_backward(dout, q, k, v, out, lse, causal, softmax_scale, schedule_seed=None)
                                                                                -> (dq, dk, dv)
+    flash_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, softmax_scale, schedule_seed=None)            -> (out, lse)
+    flash_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, causal, softmax_scale, schedule_seed=None)
+                                                                               -> (dq, dk, dv)
+      packed sequences (flash-attn's varlen layout): q (total_q, Hq, D), k and v (total_k,
+      Hkv, D), cu_seqlens int32 (B + 1,), lse (Hq, total_q)
 
 Both take compute_capability=(major, minor) (default DEFAULT_CC, 9.0): the emulated device,
 whose opt-in shared-memory limit per block every launch must fit (99 KiB for 8.6 / 8.9, 163 KiB
@@ -215,6 +222,14 @@ _ATTN_SIG = {
     # strides (q, k, v, out, dout, dq, dk, dv) x (batch, row, head), sizes, softmax_scale, causal
     "flash_backward_emu": [ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                            _P, ctypes.c_float, ctypes.c_int],
+    # dtype, head_dim, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, strides, sizes (batch,
+    # heads_q, heads_kv, max_seqlen_q, max_seqlen_k, total_q), softmax_scale, causal
+    "flash_varlen_forward_emu": [ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                                 ctypes.c_float, ctypes.c_int],
+    # dtype, head_dim, q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, strides,
+    # sizes, softmax_scale, causal
+    "flash_varlen_backward_emu": [ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                                  _P, _P, _P, _P, ctypes.c_float, ctypes.c_int],
 }
 
 
@@ -368,6 +383,115 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
              int(causal)),
             seed, tensors=(q, k, v, out, dout, lse, dq, dk, dv),
             compute_capability=compute_capability)
+    for g, name in zip(grads, ("dq", "dk", "dv")):
+        g.check(name)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- packed attention
+
+
+def _check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Shapes and dtypes of a packed call; the cu_seqlens values are checked too (the CUDA op
+    leaves that to its Python caller): a wrong one would send the kernels out of bounds, which
+    the emulator would report less clearly."""
+    if q.dtype not in _DTYPE_CODE:
+        raise ValueError(f"q: expected float16 or bfloat16, got {q.dtype}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if t.device.type != "cpu" or t.dtype != q.dtype or t.dim() != 3 or t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a CPU {q.dtype} (rows, heads, head_dim) tensor "
+                             f"with unit stride along head_dim, got {t.dtype} {tuple(t.shape)} "
+                             f"strides {t.stride()} on {t.device}")
+    if k.shape != v.shape or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: head_dim "
+                         "must match, k and v agree, Hq be a multiple of Hkv")
+    if q.shape[2] not in HEAD_DIMS:
+        raise ValueError(f"head_dim {q.shape[2]}: the kernels support {HEAD_DIMS}")
+    for cu, name, total, longest in ((cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q),
+                                     (cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape != cu_seqlens_q.shape:
+            raise ValueError(f"{name}: expected int32 (batch + 1,), got {cu.dtype} "
+                             f"{tuple(cu.shape)}")
+        lengths = cu.diff()
+        if cu[0] != 0 or cu[-1] != total or (lengths < 0).any() or (
+                len(lengths) and lengths.max() > longest):
+            raise ValueError(f"{name}: expected lengths from 0 to {total}, none over "
+                             f"{longest}, got {cu.tolist()}")
+
+
+def _packed_rows_16b(t: torch.Tensor) -> torch.Tensor:
+    return _rows_16b(t[None])[0]
+
+
+def _packed_strides(*tensors) -> ctypes.Array:
+    flat = [s for t in tensors for s in (0, t.stride(0), t.stride(1))]
+    return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def _packed_sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) -> ctypes.Array:
+    return (ctypes.c_int * 6)(cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen_q,
+                              max_seqlen_k, q.shape[0])
+
+
+def flash_varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                         softmax_scale: float, *, schedule_seed: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed forward (the kernels' VARLEN specializations, as flash_attention.cu's
+    flash_attention_varlen_fwd_cuda launches them): q (total_q, Hq, D), k and v (total_k, Hkv,
+    D), cu_seqlens int32 (B + 1,). out (total_q, Hq, D) and lse (Hq, total_q) fp32, allocated
+    between NaN guard bands. Grids are sized by max_seqlen_*, as on a GPU; launch it only with
+    rows in q and k (flash_attention.cu returns before any launch otherwise)."""
+    seed = _seed(schedule_seed)
+    _check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    q, k, v = (_packed_rows_16b(t) for t in (q, k, v))
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    total_q, hq, d = q.shape
+    out = _Guarded(q.shape, q.dtype, _band((1,) + tuple(q.shape)))
+    lse = _Guarded((hq, total_q), torch.float32, 1024)
+    lib = _attention_lib()
+    _invoke(lib, lib.flash_varlen_forward_emu,
+            (_DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+             out.view.data_ptr(), lse.view.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr(),
+             _packed_strides(q, k, v, out.view),
+             _packed_sizes(q, k, cu_q, max_seqlen_q, max_seqlen_k), softmax_scale, int(causal)),
+            seed, tensors=(q, k, v, out.view, lse.view, cu_q, cu_k))
+    out.check("out")
+    lse.check("lse")
+    return out.view, lse.view
+
+
+def flash_varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                          max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                          softmax_scale: float, *, schedule_seed: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of the packed attention (contiguous, shapes and dtype of q, k, v) from
+    flash_varlen_forward's out and lse (Hq, total_q); arguments as there."""
+    seed = _seed(schedule_seed)
+    _check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    for t, name in ((out, "out"), (dout, "dout")):
+        if t.shape != q.shape or t.dtype != q.dtype or t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected q's shape {tuple(q.shape)} and dtype, unit "
+                             f"stride along head_dim; got {t.dtype} {tuple(t.shape)}")
+    total_q, hq, d = q.shape
+    if (lse.dtype, tuple(lse.shape)) != (torch.float32, (hq, total_q)):
+        raise ValueError(f"lse: expected float32 {(hq, total_q)}, got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
+    q, k, v, out, dout = (_packed_rows_16b(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    grads = [_Guarded(t.shape, t.dtype, _band((1,) + tuple(t.shape))) for t in (q, k, v)]
+    dq, dk, dv = (g.view for g in grads)
+    lib = _attention_lib()
+    _invoke(lib, lib.flash_varlen_backward_emu,
+            (_DTYPE_CODE[q.dtype], d, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+             dout.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+             cu_q.data_ptr(), cu_k.data_ptr(), _packed_strides(q, k, v, out, dout, dq, dk, dv),
+             _packed_sizes(q, k, cu_q, max_seqlen_q, max_seqlen_k), softmax_scale, int(causal)),
+            seed, tensors=(q, k, v, out, dout, lse, dq, dk, dv, cu_q, cu_k))
     for g, name in zip(grads, ("dq", "dk", "dv")):
         g.check(name)
     return dq, dk, dv

@@ -1,5 +1,6 @@
 // extern "C" entry points running the attention kernels (csrc/flash_attention_kernels.cuh and
-// the headers it includes) on the host emulator, for flash_forward / flash_backward in
+// the headers it includes) on the host emulator, for flash_forward / flash_backward and their
+// packed-sequence twins flash_varlen_forward / flash_varlen_backward in
 // tests/cuda_emulator/__init__.py. The launch decisions are the header's (run_forward /
 // run_backward); this file only fills AttnParams and launches.
 #include "emulator.h"
@@ -119,6 +120,78 @@ int flash_backward_emu(int dtype, int head_dim, const void* q, const void* k, co
     attn::AttnParams p = base_params(sizes, softmax_scale, causal);
     // rowsum(dout * out) scratch, NaN until the backward's first kernel fills it.
     std::vector<float> delta(size_t(p.batch) * p.heads_q * p.seqlen_q,
+                             std::numeric_limits<float>::quiet_NaN());
+    emu::register_global(delta.data(), delta.size() * sizeof(float));
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.dout = dout;
+    p.lse = const_cast<float*>(lse);
+    p.delta = delta.data();
+    p.dq = dq;
+    p.dk = dk;
+    p.dv = dv;
+    p.q_s = strides_at(strides, 0);
+    p.k_s = strides_at(strides, 1);
+    p.v_s = strides_at(strides, 2);
+    p.out_s = strides_at(strides, 3);
+    p.dout_s = strides_at(strides, 4);
+    p.dq_s = strides_at(strides, 5);
+    p.dk_s = strides_at(strides, 6);
+    p.dv_s = strides_at(strides, 7);
+    emu::with_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      check_smem_fits(head_dim, [&](auto&& dry) { attn::run_backward<T>(p, head_dim, dry); });
+      attn::run_backward<T>(p, head_dim, emu_launch);
+    });
+  });
+}
+
+// Packed sequences (the kernels' VARLEN specializations): q (total_q, Hq, D), k and v
+// (total_k, Hkv, D), cu_seqlens_q / cu_seqlens_k int32 (batch + 1); sizes: batch, heads_q,
+// heads_kv, max_seqlen_q, max_seqlen_k, total_q; strides as for flash_forward_emu, with batch
+// strides 0. lse (Hq, total_q).
+int flash_varlen_forward_emu(int dtype, int head_dim, const void* q, const void* k,
+                             const void* v, void* o, float* lse, const int* cu_seqlens_q,
+                             const int* cu_seqlens_k, const int64_t* strides, const int* sizes,
+                             float softmax_scale, int causal, char* err, size_t err_len) {
+  return emu::call_c(err, err_len, [&] {
+    attn::AttnParams p = base_params(sizes, softmax_scale, causal);
+    p.cu_seqlens_q = cu_seqlens_q;
+    p.cu_seqlens_k = cu_seqlens_k;
+    p.total_q = sizes[5];
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.o = o;
+    p.lse = lse;
+    p.q_s = strides_at(strides, 0);
+    p.k_s = strides_at(strides, 1);
+    p.v_s = strides_at(strides, 2);
+    p.o_s = strides_at(strides, 3);
+    p.num_splits = 0;  // packed sequences run the prefill kernel at every query count
+    emu::with_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      check_smem_fits(head_dim, [&](auto&& dry) { attn::run_forward<T>(p, head_dim, dry); });
+      attn::run_forward<T>(p, head_dim, emu_launch);
+    });
+  });
+}
+
+// The packed backward; arguments as flash_backward_emu's plus those of flash_varlen_forward_emu.
+int flash_varlen_backward_emu(int dtype, int head_dim, const void* q, const void* k,
+                              const void* v, const void* out, const void* dout, const float* lse,
+                              void* dq, void* dk, void* dv, const int* cu_seqlens_q,
+                              const int* cu_seqlens_k, const int64_t* strides, const int* sizes,
+                              float softmax_scale, int causal, char* err, size_t err_len) {
+  return emu::call_c(err, err_len, [&] {
+    attn::AttnParams p = base_params(sizes, softmax_scale, causal);
+    p.cu_seqlens_q = cu_seqlens_q;
+    p.cu_seqlens_k = cu_seqlens_k;
+    p.total_q = sizes[5];
+    // rowsum(dout * out) scratch (Hq, total_q), NaN until the backward's first kernel fills it.
+    std::vector<float> delta(size_t(p.heads_q) * p.total_q,
                              std::numeric_limits<float>::quiet_NaN());
     emu::register_global(delta.data(), delta.size() * sizeof(float));
     p.q = q;
