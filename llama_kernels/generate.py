@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"])
     parser.add_argument("--no-progress", action="store_true")
+    step = parser.add_mutually_exclusive_group()
+    step.add_argument("--no-cuda-graph", action="store_true",
+                      help="decode eagerly (default on a GPU: each step replays one CUDA graph)")
+    step.add_argument("--compile", action="store_true",
+                      help='run the decode step through torch.compile(mode="reduce-overhead")')
     args = parser.parse_args(argv)
 
     texts = list(args.prompts)
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     with use_backend(args.backend):
         outputs = model.generate(prompts, args.max_new_tokens, args.temperature, args.top_p,
                                  generator=generator,
+                                 cuda_graph=False if args.no_cuda_graph or args.compile else None,
+                                 compile_step=args.compile,
                                  on_step=None if bar is None else lambda _: bar.update())
     if torch.cuda.is_available():
         torch.cuda.synchronize()

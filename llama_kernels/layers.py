@@ -87,16 +87,20 @@ class FeedForward(nn.Module):
 
 @dataclass
 class RaggedBatch:
-    """Sequences of different lengths sharing one KV cache, as ``Transformer.generate`` runs them.
+    """Sequences of different lengths in one batch without padding: generation's sequences
+    sharing one KV cache, or documents packed end to end for training.
 
-    ``cache_seqlens`` (B,) int32 on the model's device: the tokens each sequence has cached.
-    Prefill (``cu_seqlens`` given): the prompts packed into one row of tokens (1, T),
-    ``cu_seqlens`` (B + 1,) int32 their boundaries, ``max_seqlen`` the longest prompt,
+    ``cache_seqlens`` (B,) int32 on the model's device: the tokens each sequence has cached;
+    None for packed documents (``RaggedBatch.packed``), which neither read nor write a cache.
+    Packed (``cu_seqlens`` given): the sequences end to end in one row of tokens (1, T),
+    ``cu_seqlens`` (B + 1,) int32 their boundaries, ``max_seqlen`` the longest one,
     ``positions`` (1, T) each token's position in its own sequence and ``seq_ids`` (T,) its
-    sequence; the cache starts empty. Decode (``cu_seqlens`` None): tokens (B, S_new), the new
-    tokens of sequence b at positions ``cache_seqlens[b] + i``.
+    sequence; each sequence attends only to itself. With a cache, that is generation's prefill
+    (the cache starts empty); without one, a training batch of documents. Decode
+    (``cu_seqlens`` None): tokens (B, S_new), the new tokens of sequence b at positions
+    ``cache_seqlens[b] + i``.
     """
-    cache_seqlens: Tensor
+    cache_seqlens: Tensor | None
     cu_seqlens: Tensor | None = None
     max_seqlen: int = 0
     positions: Tensor | None = None
@@ -112,6 +116,22 @@ class RaggedBatch:
         positions = torch.arange(int(sum(lengths)), device=device) - cu[:-1].long()[seq_ids]
         return cls(torch.zeros(len(lengths), dtype=torch.int32, device=device), cu,
                    max(lengths), positions[None], seq_ids)
+
+    @classmethod
+    def packed(cls, cu_seqlens: Tensor, total: int, max_seqlen: int | None = None) -> RaggedBatch:
+        """Documents packed end to end for training, no cache: ``cu_seqlens`` (B + 1,) int32
+        from 0 to ``total`` tokens (an empty document is allowed). ``max_seqlen`` (the longest
+        document) is read from ``cu_seqlens`` when not given: one host sync."""
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected int32 (n_documents + 1,) boundaries, got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        sizes = cu_seqlens.diff().long()  # (B,)
+        if max_seqlen is None:
+            max_seqlen = int(sizes.max())
+        seq_ids = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device),
+                                          sizes, output_size=total)  # (T,)
+        positions = torch.arange(total, device=sizes.device) - cu_seqlens[:-1].long()[seq_ids]
+        return cls(None, cu_seqlens, max_seqlen, positions[None], seq_ids)
 
 
 class Attention(nn.Module):
@@ -219,21 +239,28 @@ class Attention(nn.Module):
 
     def _ragged(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
                 batch: RaggedBatch) -> Tensor:
-        """Attention of a ``RaggedBatch`` through the cache: a packed prefill writes each
-        prompt's keys at rows 0.. of its own sequence and attends within it; a decode step
-        appends, rotates and attends in one ``flash_attention_with_kvcache`` call."""
-        if self.cache_k is None:
+        """Attention of a ``RaggedBatch``. Packed sequences (q, k, v (1, T, H, D), end to end)
+        are rotated at their own positions and attend within themselves through
+        ``flash_attention_varlen``; generation's prefill also writes each prompt's keys at rows
+        0.. of its own sequence in the cache. A decode step appends, rotates and attends in one
+        ``flash_attention_with_kvcache`` call."""
+        cached = batch.cache_seqlens is not None
+        if not cached and batch.cu_seqlens is None:
+            raise ValueError("batch: a decode step needs cache_seqlens (the tokens cached)")
+        if cached and self.cache_k is None:
             raise ValueError("batch: a ragged batch runs through the KV cache; call setup_cache "
                              "first")
-        dtype = self.cache_k.dtype
-        if batch.cu_seqlens is not None:  # q, k, v (1, T, H, D): the prompts end to end
+        if batch.cu_seqlens is not None:
             q = apply_rotary(q, cos, sin, interleaved=True, positions=batch.positions)
             k = apply_rotary(k, cos, sin, interleaved=True, positions=batch.positions)
-            self.cache_k[batch.seq_ids, batch.positions[0]] = k[0].detach().to(dtype)
-            self.cache_v[batch.seq_ids, batch.positions[0]] = v[0].detach().to(dtype)
+            if cached:
+                dtype = self.cache_k.dtype
+                self.cache_k[batch.seq_ids, batch.positions[0]] = k[0].detach().to(dtype)
+                self.cache_v[batch.seq_ids, batch.positions[0]] = v[0].detach().to(dtype)
             out = flash_attention_varlen(q[0], k[0], v[0], batch.cu_seqlens, batch.cu_seqlens,
                                          batch.max_seqlen, batch.max_seqlen)  # (T, Hq, D)
             return out[None]
+        dtype = self.cache_k.dtype
         rows = q.shape[0]
         out = flash_attention_with_kvcache(
             q.to(dtype), self.cache_k[:rows], self.cache_v[:rows], batch.cache_seqlens,

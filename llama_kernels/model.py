@@ -5,32 +5,40 @@ Every layer computes through ``llama_kernels.ops`` (see ``layers.py``), so the b
 reaches the whole model. No device is hard-coded: the model lives where its parameters are
 (build it under ``with torch.device("cuda"):`` or move it with ``.to``). The forward returns
 fp32 logits whatever the parameter dtype, as Meta's reference code does, so that the loss and
-sampling are computed at full precision.
+sampling are computed at full precision; given targets it returns the fp32 loss instead, fused
+with the output projection (no logits held). It trains on rows of tokens or on documents packed
+end to end (``cu_seqlens``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
 from llama_kernels import checkpoint as ckpt
+from llama_kernels.decoding import DecodeStep, sample, sample_tokens
 from llama_kernels.layers import RaggedBatch, RMSNorm, TransformerBlock, ffn_hidden_dim
-from llama_kernels.ops import rotary_tables
+from llama_kernels.ops import linear_cross_entropy, rotary_tables
+from llama_kernels.ops._backend import requested_backend
 
 
 CHECKPOINT_POLICIES = ("none", "full", "selective")
+IGNORE_INDEX = -100  # a target the loss skips (F.cross_entropy's default)
 
 # The paper's checkpointing (section 2.4): keep the activations that are expensive to recompute,
 # the outputs of the linear layers and of attention (with its log-sum-exp), and recompute the
 # cheap ones in the backward: the norms, SwiGLU and rotary, each one fused kernel here.
-_SAVED_BY_SELECTIVE = {"mm", "addmm", "bmm", "linear", "flash_attention_fwd"}
+_SAVED_BY_SELECTIVE = {"mm", "addmm", "bmm", "linear", "flash_attention_fwd",
+                       "flash_attention_varlen_fwd"}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -40,6 +48,13 @@ def _selective_policy(ctx, op, *args, **kwargs):
 
 def _selective_contexts():
     return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
 
 
 @dataclass
@@ -184,19 +199,50 @@ class Transformer(nn.Module):
     # ---- forward and generation ------------------------------------------------------------
 
     def forward(self, tokens: Tensor, start_pos: int = 0, *, use_cache: bool = True,
-                batch: RaggedBatch | None = None) -> Tensor:
+                batch: RaggedBatch | None = None, cu_seqlens: Tensor | None = None,
+                max_seqlen: int | None = None, targets: Tensor | None = None) -> Tensor:
         """``tokens`` (B, S) int at positions ``start_pos ..`` -> fp32 logits (B, S, vocab).
 
         With a cache set up (``setup_cache``) and ``use_cache``, the new keys and values are
         cached and the tokens attend to the whole cached prefix (prefill with ``start_pos=0``,
         then decode one token at a time). Without one, ``start_pos`` must be 0.
 
-        With a ``RaggedBatch`` (sequences of different lengths in one cache; ``start_pos``
-        unused): a packed prefill takes ``tokens`` (1, T) and returns the logits of each
-        sequence's last token, (B, 1, vocab); a decode step takes (B, S_new) and returns
-        (B, S_new, vocab).
+        ``cu_seqlens`` (training on packed documents): ``tokens`` (1, T) holds documents end to
+        end, ``cu_seqlens`` int32 (D + 1,) their boundaries from 0 to T (a document may be
+        empty); each document attends only to itself (``flash_attention_varlen``) and its
+        rotary positions start at 0, so its logits are those of running it alone. Returns the
+        logits of every token, (1, T, vocab); no cache is read or written. ``max_seqlen``, the
+        longest document, is read from ``cu_seqlens`` (one host sync) when not given.
+
+        ``targets`` (B, S) int64, the token each position should predict (-100: none):
+        returns the scalar fp32 mean cross entropy instead of the logits, computed from the
+        final norm's output and ``output.weight`` by ``linear_cross_entropy``, which never holds
+        the (B * S, vocab) logits at once (its triton backend, also the one a model on "cuda"
+        uses: the loss has no CUDA kernel; the torch reference materializes them).
+        Works with ``cu_seqlens`` and with every ``checkpoint_activations`` policy. Under
+        tensor parallel (``parallelize_llama`` splits ``output`` by vocabulary) the loss is
+        ``F.cross_entropy`` of the gathered logits.
+
+        With a ``RaggedBatch`` (generation: sequences of different lengths in one cache;
+        ``start_pos`` unused): a packed prefill takes ``tokens`` (1, T) and returns the logits
+        of each sequence's last token, (B, 1, vocab); a decode step takes (B, S_new) and
+        returns (B, S_new, vocab).
         """
         n_rows, seqlen = tokens.shape
+        if cu_seqlens is not None:
+            if batch is not None:
+                raise ValueError("cu_seqlens: packed documents take no RaggedBatch (batch)")
+            if n_rows != 1:
+                raise ValueError(f"tokens: packed documents are one row (1, T), got shape "
+                                 f"{tuple(tokens.shape)}")
+            batch = RaggedBatch.packed(cu_seqlens, seqlen, max_seqlen)
+            if max_seqlen is None and batch.max_seqlen > self.args.max_seq_len:  # read exactly
+                raise ValueError(f"cu_seqlens: a document of {batch.max_seqlen} tokens exceeds "
+                                 f"max_seq_len {self.args.max_seq_len}")
+        generating = batch is not None and batch.cache_seqlens is not None
+        if targets is not None and (targets.shape != tokens.shape or generating):
+            raise ValueError(f"targets: expected shape {tuple(tokens.shape)} (that of tokens), "
+                             f"without a generation batch; got {tuple(targets.shape)}")
         if batch is not None:
             cos, sin = self.rope_cos, self.rope_sin  # each token picks its own row
         else:
@@ -217,19 +263,36 @@ class Transformer(nn.Module):
             else:
                 delta, residual = layer(delta, residual, cos, sin, start_pos, use_cache=use_cache,
                                         batch=batch)
-        if batch is not None and batch.cu_seqlens is not None:  # each sequence's last token
+        if generating and batch.cu_seqlens is not None:  # each sequence's last token
             last = batch.cu_seqlens[1:].long() - 1
             delta = delta[0, last][:, None]  # (B, 1, dim)
             residual = None if residual is None else residual[0, last][:, None]
         h = self.norm(delta) if residual is None else self.norm(delta, residual)[0]
-        return self.output(h).float()  # (B, S, vocab)
+        if targets is None:
+            return self.output(h).float()  # (B, S, vocab)
+        return self._loss(h, targets)
+
+    def _loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross entropy of the logits ``output(h)`` (B, S, vocab) against ``targets``
+        (B, S), without the logits where the output weight is a plain tensor."""
+        if _is_dtensor(self.output.weight):
+            # tensor parallel splits the vocabulary across ranks: the module gathers the logits
+            logits = self.output(h).float()  # (B, S, vocab)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        # the loss has no CUDA kernel: its triton backend (cuBLAS matmuls and one kernel a
+        # chunk) is the fused one, so a model running on "cuda" computes its loss there
+        backend = "triton" if requested_backend(None) == "cuda" else None
+        return linear_cross_entropy(h, self.output.weight, targets, ignore_index=IGNORE_INDEX,
+                                    backend=backend)
 
     @torch.no_grad()
     def generate(self, prompt_tokens: list[int] | list[list[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, *, eos_id: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 check_every: int = 8,
-                 on_step: Callable[[int], None] | None = None) -> list[int] | list[list[int]]:
+                 check_every: int = 8, on_step: Callable[[int], None] | None = None,
+                 cuda_graph: bool | None = None,
+                 compile_step: bool = False) -> list[int] | list[list[int]]:
         """The generated token ids (without the prompt, without the stopping eos).
 
         ``prompt_tokens`` is one prompt (a list of ids: returns a list of ids) or several of any
@@ -238,11 +301,15 @@ class Transformer(nn.Module):
         the device (``generator`` seeds the draws). The prompts are prefilled in one packed
         ``flash_attention_varlen`` call, then every sequence decodes one token a step against
         the KV cache through ``flash_attention_with_kvcache`` (a temporary cache is set up when
-        none is). The host waits on the device only every ``check_every`` steps, to see whether
-        every sequence has stopped; ``use_cache=False`` reruns the whole sequence every step
-        instead, one prompt at a time (the slow reference). Stops at ``eos_id`` (default: the
-        model's ``eos_id``) when there is one. Greedy results equal those of generating each
-        prompt alone. ``on_step(i)`` is called after decoding step i (a progress bar, say).
+        none is), in a ``DecodeStep`` of static shapes: the whole batch steps every time, a
+        finished sequence included (its extra tokens are dropped). ``cuda_graph`` replays the
+        step as one CUDA graph (default: on a GPU); ``compile_step`` runs it through
+        ``torch.compile(mode="reduce-overhead")`` instead. The host waits on the device only
+        every ``check_every`` steps, to see whether every sequence has stopped;
+        ``use_cache=False`` reruns the whole sequence every step instead, one prompt at a time
+        (the slow reference). Stops at ``eos_id`` (default: the model's ``eos_id``) when there
+        is one. Greedy results equal those of generating each prompt alone. ``on_step(i)`` is
+        called after decoding step i (a progress bar, say).
         """
         single = not prompt_tokens or not isinstance(prompt_tokens[0], (list, tuple))
         prompts = [list(prompt_tokens)] if single else [list(p) for p in prompt_tokens]
@@ -258,17 +325,32 @@ class Transformer(nn.Module):
         if longest + max_new_tokens > self.args.max_seq_len:
             raise ValueError(f"prompt_tokens: {longest} + max_new_tokens {max_new_tokens} exceed "
                              f"max_seq_len {self.args.max_seq_len}")
+        on_gpu = self.tok_embeddings.weight.device.type == "cuda"
+        if cuda_graph and compile_step:
+            raise ValueError("cuda_graph, compile_step: pick one (torch.compile's "
+                             "reduce-overhead mode captures its own graphs)")
+        if cuda_graph and not on_gpu:
+            raise ValueError("cuda_graph: CUDA graphs need the model on a GPU; pass "
+                             "cuda_graph=False (or None) on the CPU")
         eos_id = self.eos_id if eos_id is None else eos_id
         if not use_cache:
             out = [self._generate_uncached(p, max_new_tokens, temperature, top_p, eos_id,
                                            generator) for p in prompts]
         else:
+            # by default a graph on a GPU, unless the torch backend (whose cached attention
+            # reads the lengths on the host) is asked for
+            auto_graph = (cuda_graph is None and on_gpu and not compile_step
+                          and requested_backend(None) != "torch")
+            mode = ("graph" if cuda_graph or auto_graph else "compile" if compile_step
+                    else "eager")
             out = self._generate_cached(prompts, max_new_tokens, temperature, top_p, eos_id,
-                                        generator, check_every, on_step)
+                                        generator, check_every, on_step, mode,
+                                        fallback=auto_graph)
         return out[0] if single else out
 
     def _generate_cached(self, prompts, max_new_tokens, temperature, top_p, eos_id, generator,
-                         check_every, on_step) -> list[list[int]]:
+                         check_every, on_step, mode="eager",
+                         fallback=False) -> list[list[int]]:
         device = self.tok_embeddings.weight.device
         n_seqs, capacity = len(prompts), max(len(p) for p in prompts) + max_new_tokens
         own_cache = not self.has_cache
@@ -285,23 +367,32 @@ class Transformer(nn.Module):
             batch = RaggedBatch.prefill([len(p) for p in prompts], device)
             packed = torch.tensor([t for p in prompts for t in p], device=device)[None]  # (1, T)
             logits = self(packed, batch=batch)[:, -1]  # (B, vocab)
-            batch = RaggedBatch(batch.cu_seqlens.diff().to(torch.int32))
-            tokens = torch.empty(n_seqs, max_new_tokens, dtype=torch.long, device=device)
-            stopped = torch.zeros(n_seqs, dtype=torch.bool, device=device)
+            first = sample_tokens(logits, temperature, top_p, generator)  # (B,)
+            lengths = batch.cu_seqlens.diff().to(torch.int32)  # (B,)
+            if max_new_tokens == 1:
+                mode = "eager"  # no decode step to run: nothing worth capturing
+            try:
+                decode = DecodeStep(self, lengths, max_new_tokens, temperature, top_p, eos_id,
+                                    generator=generator, mode=mode)
+            except RuntimeError as e:
+                if not fallback:
+                    raise
+                warnings.warn(f"generate: the decode step could not be captured in a CUDA "
+                              f"graph ({str(e).splitlines()[0][:200]}); decoding eagerly",
+                              stacklevel=3)
+                decode = DecodeStep(self, lengths, max_new_tokens, temperature, top_p, eos_id,
+                                    generator=generator, mode="eager")
+            decode.start(first)
             for step in range(max_new_tokens):
-                token = sample_tokens(logits, temperature, top_p, generator)  # (B,)
-                tokens[:, step] = token
-                if eos_id is not None:
-                    stopped |= token == eos_id
                 if on_step is not None:
                     on_step(step)
                 if step == max_new_tokens - 1 or (
                         eos_id is not None and step % check_every == check_every - 1
-                        and bool(stopped.all())):
+                        and bool(decode.stopped.all())):
                     break
-                logits = self(token[:, None], batch=batch)[:, -1]
-                batch.cache_seqlens += 1
-            result = tokens[:, :step + 1].tolist()
+                decode()  # token step + 1 of every sequence
+            result = decode.tokens[:, :step + 1].tolist()
+            del decode  # its graph's memory pool goes with it
         finally:
             if own_cache:
                 self.clear_cache()
@@ -378,33 +469,9 @@ class Transformer(nn.Module):
         return model
 
 
-def sample_tokens(logits: Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """One token per row of ``logits`` (B, vocab), on the device, without a host sync: argmax
-    at ``temperature=0``, else a draw from the smallest set of tokens holding ``top_p`` of the
-    probability (Meta's ``sample_top_p``). The draw is ``argmax(p / E)`` with E ~ Exp(1) per
-    token, which picks token i with probability p_i (as ``torch.multinomial`` would) in plain
-    tensor ops; ``generator`` (on the logits' device) makes it reproducible."""
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs_sorted, order = torch.sort(probs, dim=-1, descending=True)
-    outside = probs_sorted.cumsum(-1) - probs_sorted > top_p  # mass before the token > p
-    probs_sorted = probs_sorted.masked_fill(outside, 0.0)
-    noise = torch.empty_like(probs_sorted).exponential_(1.0, generator=generator)
-    choice = torch.argmax(probs_sorted / noise, dim=-1, keepdim=True)
-    return order.gather(-1, choice)[..., 0]
-
-
-def sample(logits: Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None = None) -> int:
-    """``sample_tokens`` of one row of logits (vocab,), as a Python int."""
-    return int(sample_tokens(logits[None], temperature, top_p, generator)[0])
-
-
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CHECKPOINT_POLICIES", "ModelArgs", "PRESETS", "Transformer", "num_params", "sample",
-           "sample_tokens"]
+__all__ = ["CHECKPOINT_POLICIES", "DecodeStep", "IGNORE_INDEX", "ModelArgs", "PRESETS",
+           "Transformer", "num_params", "sample", "sample_tokens"]

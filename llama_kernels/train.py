@@ -6,8 +6,16 @@ peak, and gradient clipping at 1.0.
     python -m llama_kernels.train --model tiny --steps 60            # synthetic corpus, CPU
     python -m llama_kernels.train --model small --data corpus.txt --tokenizer tok.model \\
         --device cuda --dtype bfloat16 --backend triton
+    python -m llama_kernels.train --model tiny --pack                # documents packed, no padding
 
 Weight decay goes to the matrices (linears, embeddings), not to the RMSNorm gains.
+
+The loss is the model's own fused one (``model(inputs, targets=...)``: ``linear_cross_entropy``
+on the final norm's output, never the (tokens, vocab) logits at once). A batch is a token tensor
+(B, S + 1), inputs ``[:, :-1]`` and targets ``[:, 1:]``, or a ``PackedBatch``: documents of
+different lengths end to end in one row, each attending only to itself and predicting only its
+own next tokens (``--pack`` cuts every row of the usual batches to a random length, 2 to S + 1
+tokens, and packs them).
 """
 
 from __future__ import annotations
@@ -15,10 +23,10 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -44,25 +52,62 @@ def make_optimizer(model: nn.Module, lr: float, *, weight_decay: float = 0.1,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    """Next-token cross entropy of ``batch`` (B, S + 1): inputs ``[:, :-1]``, targets
-    ``[:, 1:]``."""
-    logits = model(batch[:, :-1])  # (B, S, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+class PackedBatch(NamedTuple):
+    """Documents end to end in one row: ``tokens`` (1, T) the inputs, ``targets`` (1, T) the
+    next token of each (within its own document), ``cu_seqlens`` int32 (D + 1,) the
+    boundaries, ``max_seqlen`` the longest document."""
+    tokens: Tensor
+    targets: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
 
 
-def train(model: nn.Module, batches: Iterable[Tensor], steps: int, lr: float, *,
+def pack_documents(docs: Sequence[Tensor]) -> PackedBatch:
+    """Pack 1-D token tensors (each at least 1 token, on one device): a document of n + 1
+    tokens gives n inputs and their n next tokens, so no target crosses a boundary."""
+    if not docs or any(d.ndim != 1 or d.numel() < 1 for d in docs):
+        raise ValueError("docs: expected 1-D token tensors of at least one token each")
+    lengths = [d.numel() - 1 for d in docs]
+    cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    tokens = torch.cat([d[:-1] for d in docs])[None]  # (1, T)
+    targets = torch.cat([d[1:] for d in docs])[None]  # (1, T)
+    return PackedBatch(tokens, targets, cu.to(tokens.device), max(lengths))
+
+
+def packed_batches(batches: Iterable[Tensor], *,
+                   generator: torch.Generator | None = None) -> Iterator[PackedBatch]:
+    """Each (B, S + 1) batch cut into B documents of random lengths (2 to S + 1 tokens, one
+    per row, each from its row's start) and packed: training on documents without padding."""
+    for batch in batches:
+        n_rows, width = batch.shape
+        lengths = torch.randint(2, width + 1, (n_rows,), generator=generator).tolist()
+        yield pack_documents([row[:n] for row, n in zip(batch, lengths)])
+
+
+def lm_loss(model: nn.Module, batch: Tensor | PackedBatch) -> Tensor:
+    """Next-token cross entropy (the mean over the targets) through the model's fused loss:
+    of ``batch`` (B, S + 1), inputs ``[:, :-1]`` and targets ``[:, 1:]``, or of a
+    ``PackedBatch``."""
+    if isinstance(batch, PackedBatch):
+        return model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                     targets=batch.targets)
+    return model(batch[:, :-1], targets=batch[:, 1:])
+
+
+def train(model: nn.Module, batches: Iterable[Tensor | PackedBatch], steps: int, lr: float, *,
           warmup_steps: int | None = None, weight_decay: float = 0.1,
           betas: tuple[float, float] = (0.9, 0.95), grad_clip: float = 1.0,
           final_lr_ratio: float = 0.1,
           log: Callable[[int, float, float], None] | None = None) -> list[float]:
-    """Run ``steps`` optimizer steps on ``batches`` (token tensors (B, S + 1), on the model's
-    device); returns the loss of each step. ``warmup_steps`` defaults to 10% of ``steps``."""
+    """Run ``steps`` optimizer steps on ``batches`` (token tensors (B, S + 1) or PackedBatch,
+    on the model's device; see ``lm_loss``); returns the loss of each step. ``warmup_steps``
+    defaults to 10% of ``steps``."""
     warmup_steps = max(1, steps // 10) if warmup_steps is None else warmup_steps
     optimizer = make_optimizer(model, lr, weight_decay=weight_decay, betas=betas)
     model.train()
     losses: list[float] = []
-    it: Iterator[Tensor] = iter(batches)
+    it: Iterator[Tensor | PackedBatch] = iter(batches)
     for step in range(steps):
         rate = cosine_lr(step, peak_lr=lr, warmup_steps=warmup_steps, total_steps=steps,
                          final_ratio=final_lr_ratio)
@@ -126,6 +171,9 @@ def main(argv: list[str] | None = None) -> list[float]:
                         choices=["none", "full", "selective"],
                         help="recompute in the backward: none, full blocks (the flag alone), "
                              "or selective (the paper's: keep matmul and attention outputs)")
+    parser.add_argument("--pack", action="store_true",
+                        help="train on documents of random lengths packed end to end (each "
+                             "attends only to itself) instead of full rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--save", help="write the trained model here (Meta format)")
@@ -154,6 +202,8 @@ def main(argv: list[str] | None = None) -> list[float]:
                if ids is not None else
                synthetic_batches(model_args.vocab_size, args.batch_size, args.seq_len,
                                  device=device))
+    if args.pack:
+        batches = packed_batches(batches)
     print(f"model {args.model}: {n_params / 1e6:.2f}M parameters, {args.dtype} on {device}, "
           f"backend {args.backend}")
     start = time.perf_counter()

@@ -4,6 +4,7 @@ choice and the training step. All on tiny configs, CPU-fast."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -12,14 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from llama_kernels import available_backends, use_backend
 from llama_kernels import rotary_tables
+from llama_kernels import layers
 from llama_kernels.layers import FeedForward, TransformerBlock, ffn_hidden_dim
-from llama_kernels.model import ModelArgs, Transformer, num_params, sample_tokens
-from llama_kernels.train import cosine_lr, main, synthetic_batches, train
+from llama_kernels.model import (CHECKPOINT_POLICIES, ModelArgs, Transformer, num_params,
+                                 sample_tokens)
+from llama_kernels.testing import assert_close
+from helpers import DEVICE
+from llama_kernels.train import (PackedBatch, cosine_lr, lm_loss, main, pack_documents,
+                                 packed_batches, synthetic_batches, train)
 
 # (parameters, FFN width) of the paper's models; Table 2 prints the counts truncated to 0.1B.
 PAPER = {"7B": (6_738_415_616, 11008, 6.7), "13B": (13_015_864_320, 13824, 13.0),
@@ -325,6 +332,12 @@ def test_compiled_forward_matches_eager():
     ref = model(tokens)
     torch.testing.assert_close(compiled(tokens), ref, atol=1e-6 * ref.abs().max().item(),
                                rtol=1e-5)
+    # the fused loss of packed documents (max_seqlen given: no host sync) traces whole too
+    packed, cu = _pack(_random_documents([5, 9, 2]))
+    targets = _random_targets(packed.shape)
+    torch.testing.assert_close(compiled(packed, cu_seqlens=cu, max_seqlen=9, targets=targets),
+                               model(packed, cu_seqlens=cu, targets=targets),
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_model_keeps_fp32_rotary_tables():
@@ -339,10 +352,13 @@ def test_bf16_model_keeps_fp32_rotary_tables():
     assert (out - ref).norm() / ref.norm() < 0.05
 
 
-def test_training_step_lowers_the_loss():
+@pytest.mark.parametrize("pack", [False, True], ids=["rows", "packed"])
+def test_training_step_lowers_the_loss(pack):
     torch.manual_seed(0)  # the loss curve of a fixed run; the seed fixture is for inputs
     model = Transformer(ModelArgs.from_name("tiny"))
     batches = synthetic_batches(256, batch_size=8, seq_len=48)
+    if pack:  # documents of 2..49 tokens, each from a row's start, packed end to end
+        batches = packed_batches(batches)
     losses = train(model, batches, steps=40, lr=3e-3)
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
@@ -363,14 +379,18 @@ def test_training_cli(capsys):
     losses = main(["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--backend", "torch"])
     assert len(losses) == 3
     assert "step     2" in capsys.readouterr().out
+    losses = main(["--steps", "2", "--batch-size", "3", "--seq-len", "16", "--pack",
+                   "--checkpoint-activations", "selective"])
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_model_on_kernel_backends(backend):
-    """Forward, cached decoding (a batch of 2 reads strided cache slices) and backward with every
-    op on the kernel backend, against the same model on the torch backend. On a GPU in bf16,
-    the error may be at most about twice the torch backend's own bf16 error (the tolerance rule);
-    without one, the Triton kernels run in fp32 under the interpreter."""
+    """Forward, cached decoding (a batch of 2 reads strided cache slices), backward, and the fused
+    loss of packed documents, with every op on the kernel backend (the loss's triton one under
+    "cuda"), against the same model on the torch backend. On a GPU in bf16, the error may be at
+    most about twice the torch backend's own bf16 error (the tolerance rule); without one, the
+    Triton kernels run in fp32 under the interpreter."""
     why_not = available_backends()[backend]
     if why_not:
         pytest.skip(f"{backend}: {why_not}")
@@ -380,6 +400,7 @@ def test_model_on_kernel_backends(backend):
         model = Transformer(ModelArgs.from_name("tiny", dim=128, n_heads=2, n_kv_heads=1))
     model.init_weights(std=0.1)
     tokens = torch.randint(0, 256, (2, 12), device=device)
+    cu = torch.tensor([0, 5, 5, 24], dtype=torch.int32, device=device)  # one empty document
 
     def run():
         logits = model(tokens)
@@ -391,7 +412,11 @@ def test_model_on_kernel_backends(backend):
             cached = torch.cat([model(tokens[:, :7], 0), model(tokens[:, 7:8], 7),
                                 model(tokens[:, 8:], 8)], dim=1)
         model.clear_cache()
-        return logits.detach(), grad, cached
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens.view(1, -1), cu_seqlens=cu, targets=tokens.roll(1).view(1, -1))
+        loss.backward()
+        return (logits.detach(), grad, cached, loss.detach(),
+                model.layers[0].attention.wq.weight.grad.float())
 
     with use_backend("torch"):
         ref32 = run()
@@ -404,7 +429,8 @@ def test_model_on_kernel_backends(backend):
         if "has no kernel" in str(e):  # an op this build of the backend lacks (yet)
             pytest.skip(str(e))
         raise
-    for name, o, e, r in zip(("logits", "wq grad", "cached logits"), out, eager, ref32):
+    names = ("logits", "wq grad", "cached logits", "packed fused loss", "its wq grad")
+    for name, o, e, r in zip(names, out, eager, ref32):
         assert torch.isfinite(o).all(), name
         # floor: fp32 rounding at the tensor's scale (the whole error budget in fp32)
         tol = 2 * (e - r).abs().max().item() + 1e-5 * r.abs().max().item()
@@ -468,3 +494,242 @@ def test_generate_command_line(tmp_path, capsys):
     assert "tokens in" in out and "tokens/s (3 sequences" in out
     with pytest.raises(SystemExit):
         cli.main(["--no-progress"])  # no prompts
+
+
+# ---- the fused loss, packed documents, and both under each checkpointing policy -------------
+
+
+def _skip_unless_available(backend: str) -> None:
+    why_not = available_backends()[backend]
+    if why_not:
+        pytest.skip(f"{backend}: {why_not}")
+
+
+def _loss_chunks(backend: str, rows: int):
+    """Force the triton loss to walk the tokens in chunks of ``rows`` (several chunks and a
+    partial last one on these small shapes; the rule would take all tokens in one)."""
+    if backend != "triton":
+        return contextlib.nullcontext()
+    from llama_kernels.triton import cross_entropy
+    return cross_entropy.forced(chunk_rows=rows)
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_grads_close(grads, ref):
+    """Each gradient by the tolerance rule; in fp32 eager is the reference, so the bound is
+    the floor: summation-order rounding at the gradient's scale."""
+    assert grads.keys() == ref.keys()
+    for name, g in ref.items():
+        assert g.abs().sum() > 0, name
+        assert_close(grads[name], g, g, name)
+
+
+def _random_targets(shape) -> torch.Tensor:
+    targets = torch.randint(0, 256, shape)
+    targets[torch.rand(shape) < 0.2] = -100  # ignored positions: out of the mean
+    return targets
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_loss_and_gradients_equal_the_logits_path(backend):
+    """model(tokens, targets=...) (linear_cross_entropy on the final norm's output) against
+    F.cross_entropy of the model's logits, fp32 on the torch backend: the loss and the
+    gradient of every parameter."""
+    _skip_unless_available(backend)
+    model = tiny().to(DEVICE)
+    tokens = torch.randint(0, 256, (2, 13), device=DEVICE)
+    targets = _random_targets((2, 13)).to(DEVICE)
+    with use_backend("torch"):
+        ref_loss, ref_grads = _loss_and_grads(model, lambda: F.cross_entropy(
+            model(tokens).flatten(0, 1).float(), targets.flatten(), ignore_index=-100))
+    with use_backend(backend), _loss_chunks(backend, 7):
+        loss, grads = _loss_and_grads(model, lambda: model(tokens, targets=targets))
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_close(loss, ref_loss, ref_loss, "loss")
+    _assert_grads_close(grads, ref_grads)
+    with pytest.raises(ValueError, match="targets"):
+        model(tokens, targets=targets[:, :-1])
+
+
+def _logits_rows(fn, vocab: int) -> set[int]:
+    """The row counts of the (..., vocab) tensors ATen ops took while ``fn`` ran. The profiler
+    sees every op, inside the custom ops (the loss's chunk matmuls) and in the backward."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return {math.prod(shape[:-1]) for event in prof.events() for shape in event.input_shapes
+            if isinstance(shape, list) and len(shape) >= 2 and shape[-1] == vocab}
+
+
+def test_fused_loss_never_holds_the_logits():
+    """Forward and backward of the fused loss on the triton backend (chunks of 16 tokens) take
+    no (N, vocab) tensor for N = 80 tokens; the logits path does, so the watch would catch a
+    model that computed its loss from the logits again. dim (64) < N keeps the head's
+    transposed weight (dim, vocab) below N rows."""
+    _skip_unless_available("triton")
+    model = tiny().to(DEVICE)
+    vocab, n = model.args.vocab_size, 80
+    tokens = torch.randint(0, vocab, (2, n // 2), device=DEVICE)
+    targets = _random_targets((2, n // 2)).to(DEVICE)
+    with use_backend("triton"), _loss_chunks("triton", 16):
+        fused = _logits_rows(lambda: model(tokens, targets=targets).backward(), vocab)
+        logits = _logits_rows(lambda: F.cross_entropy(
+            model(tokens).flatten(0, 1), targets.flatten()).backward(), vocab)
+    assert 16 in fused and max(fused) < n, fused  # the chunks are seen; no (N, vocab) tensor
+    assert max(logits) == n, logits
+
+
+def _pack(docs):
+    lengths = torch.tensor([len(d) for d in docs])
+    cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    return torch.cat(docs)[None], cu.to(docs[0].device)  # (1, T), (D + 1,)
+
+
+def _random_documents(lengths):
+    return [torch.randint(0, 256, (n,)) for n in lengths]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_documents_equal_each_document_alone(backend):
+    """model(tokens, cu_seqlens=...) on documents end to end (one empty): the logits and every
+    parameter's gradient equal those of running each document alone, fp32 on the torch
+    backend, so attention stays within each document. Rotary is relative (an offset common to
+    a document's queries and keys cancels), so what shows that positions restart is that the
+    documents together are longer than the model's context (16), each one within it."""
+    _skip_unless_available(backend)
+    model = tiny(max_seq_len=16).to(DEVICE)
+    lengths = [int(torch.randint(9, 17, ())), 0, *torch.randint(1, 17, (2,)).tolist()]
+    docs = [d.to(DEVICE) for d in _random_documents(lengths)]
+    tokens, cu = (t.to(DEVICE) for t in _pack(docs))
+    grad_out = torch.randn(1, tokens.shape[1], 256, device=DEVICE)
+
+    def alone():
+        logits = torch.cat([model(d[None]) for d in docs if len(d)], dim=1)  # (1, T, vocab)
+        (logits * grad_out).sum().backward()
+        return logits.detach()
+
+    def packed():
+        logits = model(tokens, cu_seqlens=cu)
+        (logits * grad_out).sum().backward()
+        return logits.detach()
+
+    with use_backend("torch"):
+        model.zero_grad(set_to_none=True)
+        ref = alone()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with use_backend(backend):
+        model.zero_grad(set_to_none=True)
+        out = packed()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert out.shape == (1, sum(lengths), 256)
+    assert_close(out, ref, ref, "logits")
+    _assert_grads_close(grads, ref_grads)
+
+
+def _leak(model, docs) -> tuple[float, float]:
+    """Redraw the first document: (largest change of the other documents' logits, smallest
+    change of its own)."""
+    tokens, cu = _pack(docs)
+    redrawn, _ = _pack([torch.randint(0, 256, (len(docs[0]),)), *docs[1:]])
+    with torch.no_grad():
+        change = (model(redrawn, cu_seqlens=cu) - model(tokens, cu_seqlens=cu)).abs()[0]
+    first = len(docs[0])
+    return change[first:].max().item(), change[:first].amax(-1).min().item()
+
+
+def test_packed_documents_do_not_see_each_other(monkeypatch):
+    """Changing one document changes its own logits and no other document's; attention that
+    ignored the boundaries (planted here) is caught."""
+    model = tiny()
+    docs = _random_documents([9, 5, 12])
+    others, own = _leak(model, docs)
+    assert others == 0.0 and own > 1e-3, (others, own)
+    real = layers.flash_attention_varlen
+
+    def across_documents(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        whole = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+        return real(q, k, v, whole, whole, q.shape[0], q.shape[0], **kw)
+
+    monkeypatch.setattr(layers, "flash_attention_varlen", across_documents)
+    others, _ = _leak(model, docs)
+    assert others > 1e-3, others
+
+
+def test_packed_documents_bad_input():
+    model = tiny(max_seq_len=16)
+    tokens, cu = _pack(_random_documents([10, 12]))
+    with pytest.raises(ValueError, match="cu_seqlens: expected int32"):
+        model(tokens, cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="one row"):
+        model(tokens.view(2, -1), cu_seqlens=cu)
+    long_doc, cu_long = _pack(_random_documents([3, 17]))
+    with pytest.raises(ValueError, match="17 tokens exceeds max_seq_len 16"):
+        model(long_doc, cu_seqlens=cu_long)
+    with pytest.raises(ValueError, match="targets"):
+        model(tokens, cu_seqlens=cu, targets=tokens[:, :-1])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_checkpoint_policies_give_the_same_gradients_with_the_fused_loss(packed):
+    """The fused loss, on full rows or packed documents, under none / full / selective
+    checkpointing: the same loss and gradients. Full recomputes each block's attention in the
+    backward; selective keeps its output (the paper's policy) and recomputes none."""
+    base = tiny()
+    if packed:
+        tokens, cu = _pack(_random_documents([11, 3, 8]))
+        kwargs = dict(cu_seqlens=cu, targets=_random_targets(tokens.shape))
+    else:
+        tokens, kwargs = torch.randint(0, 256, (2, 11)), dict(targets=_random_targets((2, 11)))
+    results = {}
+    for policy in CHECKPOINT_POLICIES:
+        model = Transformer(dataclasses.replace(base.args, checkpoint_activations=policy))
+        model.load_state_dict(base.state_dict())
+        model.train()
+        loss = model(tokens, **kwargs)
+        with OpRecorder() as rec:
+            loss.backward()
+        attention = sum(1 for name, _, _ in rec.calls if name.startswith("flash_attention")
+                        and name.endswith("_fwd"))
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results[policy] = loss.detach(), grads, attention
+    loss, grads, _ = results["none"]
+    for policy in ("full", "selective"):
+        torch.testing.assert_close(results[policy][0], loss, atol=0, rtol=1e-6)
+        for name, g in grads.items():
+            assert g is not None and g.abs().sum() > 0, name
+            torch.testing.assert_close(results[policy][1][name], g, atol=1e-6, rtol=1e-5,
+                                       msg=name)
+    n_layers = base.args.n_layers
+    assert [results[p][2] for p in CHECKPOINT_POLICIES] == [0, n_layers, 0]
+
+
+def test_lm_loss_is_the_models_fused_loss():
+    """The training step's loss: model(inputs, targets=...) through linear_cross_entropy, equal
+    to the cross entropy of the logits; a PackedBatch's loss is the mean over its documents'
+    tokens, each predicting only its own next tokens."""
+    model = tiny()
+    batch = torch.randint(0, 256, (2, 10))
+    with OpRecorder() as rec:
+        loss = lm_loss(model, batch)
+    assert "linear_cross_entropy_fwd" in {name for name, _, _ in rec.calls}
+    want = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-6)
+
+    docs = _random_documents([6, 1, 9])
+    packed = pack_documents(docs)
+    assert packed.cu_seqlens.tolist() == [0, 5, 5, 13] and packed.max_seqlen == 8
+    assert torch.equal(packed.targets[0, 5:], docs[2][1:])  # a document's own next tokens
+    per_token = torch.cat([F.cross_entropy(model(d[None, :-1])[0], d[1:], reduction="none")
+                           for d in docs if len(d) > 1])
+    torch.testing.assert_close(lm_loss(model, packed), per_token.mean(), atol=1e-5, rtol=1e-5)
+
+    batches = packed_batches(synthetic_batches(256, 3, 16))
+    first = next(batches)
+    assert isinstance(first, PackedBatch) and first.cu_seqlens.numel() == 4
+    assert first.tokens.shape == first.targets.shape == (1, int(first.cu_seqlens[-1]))
