@@ -2,9 +2,11 @@
 
     python -m benchmarks --quick --out benchmarks/out
     python -m benchmarks --ops rms_norm,swiglu --shapes 7B,65B --backends cuda,triton
+    python -m benchmarks --quick --append --ops flash_attention_varlen,linear_cross_entropy
 
 On a machine without a GPU it says so, runs the correctness sweep of every backend that can run
-here (benchmarks/sweep.py) and a smoke run of this harness on tiny CPU shapes.
+here (benchmarks/sweep.py) and a smoke run of this harness on tiny CPU shapes. The third form
+adds the ops that only the full run includes by default to the record the first run wrote.
 """
 
 from __future__ import annotations
@@ -20,13 +22,21 @@ import llama_kernels as lk
 from benchmarks import cases as C
 from benchmarks import harness, model_bench, report, sweep
 
-OPS = ("rms_norm", "add_rms_norm", "swiglu", "apply_rotary", "flash_attention", "model")
+# Packed and cached attention and the fused loss are run by default only without --quick: with
+# their peers (torch.compile of the loss at two vocabularies, the packed and paged kernels' JIT)
+# they would take more than the minutes scripts/gpu_check.sh gives the quick run. --ops names
+# them to run them with --quick too.
+FULL_RUN_OPS = ("flash_attention_varlen", "flash_attention_with_kvcache", "linear_cross_entropy")
+QUICK_OPS = ("rms_norm", "add_rms_norm", "swiglu", "apply_rotary", "flash_attention", "model")
+OPS = QUICK_OPS[:-1] + FULL_RUN_OPS + QUICK_OPS[-1:]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of %(default)s")
+    ap.add_argument("--ops", default=None,
+                    help=f"comma-separated subset of {','.join(OPS)} (default: all; with --quick "
+                         f"all but {','.join(FULL_RUN_OPS)})")
     ap.add_argument("--backends", default="cuda,triton",
                     help="our backends to time (those that cannot run are skipped with a note)")
     ap.add_argument("--shapes", default=None,
@@ -39,8 +49,13 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="few shapes, short repetitions")
     ap.add_argument("--out", default="benchmarks/out", help="folder for JSON, markdown, plots")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's rows to OUT/results.json, reusing its ceilings (same "
+                         "machine, minutes apart), instead of starting a new record: how a "
+                         "second, separately timed step adds --ops to a quick run's record")
     args = ap.parse_args(argv)
-    args.ops = [o for o in args.ops.split(",") if o]
+    default_ops = QUICK_OPS if args.quick else OPS
+    args.ops = [o for o in (args.ops or ",".join(default_ops)).split(",") if o]
     unknown = set(args.ops) - set(OPS)
     if unknown:
         ap.error(f"--ops: unknown {sorted(unknown)}; choose from {OPS}")
@@ -103,16 +118,31 @@ def run_case(case: C.Case, ceilings: harness.Ceilings, quick: bool) -> list[dict
             except Exception as e:  # noqa: BLE001 - a failing implementation is a result too
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
+    if case.memory:
+        _memory_vs_eager(rows)
     inputs.clear()  # free the case's tensors before the next case allocates its own
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
 
 
+def _memory_vs_eager(rows: list[dict]) -> None:
+    """Each timed row's peak memory over that of eager in the same direction (GPU runs only)."""
+    eager = {r["direction"]: r.get("peak_mem_mb") for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        base = eager.get(r["direction"])
+        if base and r.get("peak_mem_mb") is not None:
+            r["mem_vs_eager"] = r["peak_mem_mb"] / base
+
+
 def _direction_fn(impl, inputs, direction):
     if direction == "fwd":
         return lambda: impl(*inputs)
-    leaves = [t.detach().requires_grad_() for t in inputs]
+    # Integer inputs (cu_seqlens, targets, cache lengths) are passed through, not differentiated;
+    # a float input an implementation does not read (a peer's own layout of the same tokens)
+    # gets no gradient.
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    wrt = [t for t in leaves if t.requires_grad]
 
     def outputs():
         out = impl(*leaves)
@@ -121,8 +151,29 @@ def _direction_fn(impl, inputs, direction):
     grads = [torch.randn_like(o) for o in outputs()]
     if direction == "bwd":
         outs = outputs()
-        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
-    return lambda: torch.autograd.grad(outputs(), leaves, grads)
+        return lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True, allow_unused=True)
+    return lambda: torch.autograd.grad(outputs(), wrt, grads, allow_unused=True)
+
+
+def _full_run_cases(args, backends, dtype, device, notes) -> list[C.Case]:
+    """The packed and cached attention and the loss, at the shapes of issues 14 and 16 (LLaMA-7B
+    heads and width); GPU only, like the attention rows: under the interpreter these shapes take
+    minutes (tests/test_bench_counts.py builds and runs them at tiny shapes on a CPU)."""
+    wanted = [o for o in FULL_RUN_OPS if o in args.ops]
+    if wanted and device.type != "cuda":
+        notes.append(f"{', '.join(wanted)}: GPU-only rows (minutes under the Triton interpreter "
+                     "at their shapes), skipped here")
+        return []
+    cases = []
+    if "flash_attention_varlen" in wanted:
+        cases += C.varlen_cases(backends, dtype, device, notes)
+    if "flash_attention_with_kvcache" in wanted:
+        cases += C.kvcache_cases(backends, dtype, device, notes)
+    if "linear_cross_entropy" in wanted:
+        cases += C.cross_entropy_cases(backends, dtype, device, notes,
+                                       tokens=2048 if args.quick else 8192)
+    notes[:] = dict.fromkeys(notes)  # one note per missing peer, however many cases name it
+    return cases
 
 
 def _write(record: dict, json_path: str, md_path: str) -> str:
@@ -157,19 +208,29 @@ def main(argv=None) -> int:
     env = harness.environment()
     print(f"GPU: {env.get('gpu')}  torch {env['torch']}  triton {env.get('triton')}  "
           f"commit {env['commit']}")
-    ceilings = harness.measure_ceilings(quick=args.quick)
+    json_path = os.path.join(args.out, "results.json")
+    md_path = os.path.join(args.out, "report.md")
+    previous = None
+    if args.append and os.path.exists(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+    if previous is not None:
+        ceilings = harness.Ceilings(**previous["ceilings"])
+    else:
+        ceilings = harness.measure_ceilings(quick=args.quick)
     print(f"ceilings: copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul "
           f"{ceilings.matmul_tflops:.0f} TFLOP/s")
 
     if not gpu:  # the smoke run times the real case builders at tiny sizes, torch backend only
         backends = ["torch"]
     cases = []
-    row_ops = [o for o in args.ops if o not in ("flash_attention", "model")]
+    row_ops = [o for o in args.ops if o not in ("flash_attention", "model", *FULL_RUN_OPS)]
     if row_ops:
         cases += C.row_cases(backends, args.shapes, tokens, dtype, device)
         cases = [c for c in cases if c.op in row_ops]
     if "flash_attention" in args.ops and gpu:
         cases += C.attention_cases(backends, args.shapes, dtype, device, args.quick)
+    cases += _full_run_cases(args, backends, dtype, device, notes)
     if not gpu:  # compile baselines take minutes on CPU; the smoke keeps eager and ours
         for c in cases:
             c.impls.pop("torch.compile", None)
@@ -178,8 +239,11 @@ def main(argv=None) -> int:
     results: list[dict] = []
     record = {"environment": env, "ceilings": vars(ceilings), "args": vars(args),
               "notes": notes, "results": results}
-    json_path = os.path.join(args.out, "results.json")
-    md_path = os.path.join(args.out, "report.md")
+    if previous is not None:  # the first run's environment and arguments head the record
+        record = previous
+        record["notes"] = list(dict.fromkeys(record.get("notes", []) + notes))
+        record.setdefault("appended_args", []).append(vars(args))
+        results = record["results"]
     for case in _progress(cases, "benchmarks"):
         results += run_case(case, ceilings, args.quick)
         _write(record, json_path, md_path)  # after every case, so a cut-off run keeps its rows

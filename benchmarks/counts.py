@@ -11,7 +11,8 @@ from __future__ import annotations
 from llama_kernels.reference import attention_flops
 
 __all__ = ["rms_norm_bytes", "add_rms_norm_bytes", "swiglu_bytes", "rotary_bytes",
-           "attention_flops", "attention_kv_bytes", "total"]
+           "attention_flops", "attention_kv_bytes", "varlen_attention_flops",
+           "kvcache_decode_bytes", "linear_cross_entropy_flops", "total"]
 
 
 def total(direction: str, fwd: float, bwd: float) -> float:
@@ -47,3 +48,30 @@ def attention_kv_bytes(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, h
                        head_dim: int, s: int) -> float:
     """Forward: read q, k, v, write out (decoding is bound by reading the KV cache)."""
     return (2 * batch * seqlen_q * heads_q + 2 * batch * seqlen_k * heads_kv) * head_dim * s
+
+
+def varlen_attention_flops(lengths, heads: int, head_dim: int, *, causal: bool,
+                           backward: bool = False) -> float:
+    """Packed self-attention: each sequence attends only to itself, so the FLOPs are the sum of
+    one attention per sequence (an empty one does none)."""
+    return sum(attention_flops(1, n, n, heads, head_dim, causal=causal, backward=backward)
+               for n in lengths if n)
+
+
+def kvcache_decode_bytes(cache_lengths, new_tokens: int, heads_q: int, heads_kv: int,
+                         head_dim: int, s: int) -> float:
+    """One step against a KV cache: q read and out written; the new k and v read and written
+    into the cache; each sequence's cached K and V read up to its own length only (what a
+    ragged or paged kernel needs, not the padded cache or the whole block pool)."""
+    b = len(cache_lengths)
+    q_out = 2 * b * new_tokens * heads_q * head_dim * s
+    appended = 2 * 2 * b * new_tokens * heads_kv * head_dim * s
+    cached = 2 * sum(cache_lengths) * heads_kv * head_dim * s
+    return q_out + appended + cached
+
+
+def linear_cross_entropy_flops(tokens: int, vocab: int, dim: int, direction: str) -> float:
+    """The matmuls: logits x W^T forward (2 N V D); dx = dz W and dW = dz^T x backward
+    (4 N V D). The softmax is O(N V), negligible next to them at any LM-head width."""
+    n = tokens * vocab * dim
+    return total(direction, 2.0 * n, 4.0 * n)

@@ -106,6 +106,48 @@ def attention_table(record: dict) -> list[str]:
     return lines
 
 
+# The ops measured against their peers in one table each: (op, title, figure in each cell).
+PEER_TABLES = (
+    ("flash_attention_varlen", "Packed attention (TFLOP/s of each document's visible scores; the "
+     "dense row is our kernel on the same tokens at the mean document length):", "tflops"),
+    ("flash_attention_with_kvcache", "Decoding against a KV cache (GB/s of the K and V each "
+     "sequence's own length needs, % of the copy ceiling; the dense row reads every sequence "
+     "at the longest length):", "gbps"),
+    ("linear_cross_entropy", "LM-head loss, forward + backward (GPU ms, peak MiB beyond the "
+     "inputs, peak over eager's):", "memory"),
+)
+
+
+def _figure(r: dict | None, metric: str) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "error"
+    if metric == "tflops":
+        return f"{r['tflops']:.0f}" if "tflops" in r else "-"
+    if metric == "gbps":
+        return f"{r['gbps']:.0f} GB/s ({100 * r['frac_copy_bw']:.0f}%)" if "gbps" in r else "-"
+    peak = r.get("peak_mem_mb")
+    cell = f"{r['ms']:.2f} ms" + (f", {peak:.0f} MiB" if peak is not None else "")
+    return cell + (f" ({r['mem_vs_eager']:.2f}x)" if "mem_vs_eager" in r else "")
+
+
+def peer_table(record: dict, op: str, metric: str) -> list[str]:
+    """One line per case and direction of ``op``, one column per implementation."""
+    rows = _rows(record, op)
+    if not rows:
+        return []
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    lines = ["| case | " + " | ".join(impls) + " |", "|" + "---|" * (len(impls) + 1)]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        for direction in dict.fromkeys(r["direction"] for r in mine):
+            cells = [f"{shape} {direction}"]
+            cells += [_figure(_pick(mine, direction, impl), metric) for impl in impls]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def model_lines(record: dict) -> list[str]:
     rows = [r for r in record["results"] if r["op"] == "model" and "error" not in r]
     out = []
@@ -132,6 +174,10 @@ def headline(record: dict, where: str) -> list[str]:
         lines += ["", "Attention (TFLOP/s, causal counts the visible half; decoding: GB/s of K "
                       f"and V; matmul peak measured at {ceil['matmul_tflops']:.0f} TFLOP/s):",
                   "", *attn]
+    for op, title, metric in PEER_TABLES:
+        table = peer_table(record, op, metric)
+        if table:
+            lines += ["", title, "", *table]
     model = model_lines(record)
     if model:
         lines += ["", *model]

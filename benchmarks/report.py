@@ -40,7 +40,9 @@ def markdown(record: dict) -> str:
         "- GPU ms: median (p20-p80) per call of N calls captured in one CUDA graph (no host "
         "overhead; inputs several times the L2). host ms: median of one eager call at a time "
         "(triton.testing.do_bench, L2 flushed), which includes Python and launch overhead. "
-        "Bandwidth, FLOP rates and speed-ups use GPU ms. "
+        "Bandwidth, FLOP rates and speed-ups use GPU ms. peak MiB: device memory one call "
+        "allocates beyond what was live before it (torch.cuda.max_memory_allocated after a reset); "
+        "peak vs eager: that over eager's, for the ops whose point is memory. "
         f"dtype {record['args']['dtype']}.",
     ]
     for note in record.get("notes", []):
@@ -53,6 +55,7 @@ def markdown(record: dict) -> str:
         has_bw = any("gbps" in r for r in rows)
         has_fl = any("tflops" in r for r in rows)
         has_tok = any("tokens_per_s" in r for r in rows)
+        has_mem = any("mem_vs_eager" in r for r in rows)
         head = ["direction", "implementation", "GPU ms (p20-p80)"]
         if has_tok:
             head += ["tokens/s"]
@@ -61,6 +64,8 @@ def markdown(record: dict) -> str:
         if has_fl:
             head += ["TFLOP/s", "% matmul"]
         head += ["host ms", "vs eager", "vs compile", "peak MiB"]
+        if has_mem:
+            head += ["peak vs eager"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         base = {(r["direction"], r["impl"]): r.get("ms") for r in rows}
@@ -83,6 +88,8 @@ def markdown(record: dict) -> str:
                 t = base.get((r["direction"], other))
                 cells.append(f"{t / r['ms']:.2f}x" if t else "-")
             cells.append(_fmt(r.get("peak_mem_mb"), 0))
+            if has_mem:
+                cells.append(f"{r['mem_vs_eager']:.2f}x" if "mem_vs_eager" in r else "-")
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

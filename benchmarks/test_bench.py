@@ -28,6 +28,10 @@ def _all_cases():
     cases = C.row_cases(backends, ["7B"], 4096 if GPU else 8, torch.bfloat16, DEVICE)
     if GPU:
         cases += C.attention_cases(backends, ["7B"], torch.bfloat16, DEVICE, quick=True)
+        notes = []  # peers that are not importable are left out; the main run reports why
+        cases += C.varlen_cases(backends, torch.bfloat16, DEVICE, notes)
+        cases += C.kvcache_cases(backends, torch.bfloat16, DEVICE, notes)
+        cases += C.cross_entropy_cases(backends, torch.bfloat16, DEVICE, notes, tokens=2048)
     params = []
     for case in cases:
         for impl in case.impls:

@@ -109,22 +109,28 @@ NO_EMULATOR=(--ignore=tests/test_cuda_emulator.py --ignore=tests/test_cuda_rows_
 
 # Every kernel once, at the model's shapes, on every backend: the answer a cut-short run needs.
 FAST=(tests/test_ops.py tests/test_cuda_attention.py tests/test_model.py)
-step tests-fast 75 "${PYTEST[@]}" "${PARALLEL[@]}" -m "not slow" "${NO_EMULATOR[@]}" \
+step tests-fast 60 "${PYTEST[@]}" "${PARALLEL[@]}" -m "not slow" "${NO_EMULATOR[@]}" \
   --junitxml="$LOGS/junit-fast.xml" "${FAST[@]}"
 
 # The benchmark: ceilings, every op x direction x implementation at the 7B shapes (attention
-# against SDPA's backends), then the model rows.
-step bench 120 "$PY" -m benchmarks --quick --no-plots --out "$LOGS/bench"
+# against SDPA's backends). The model rows, then the packed / cached attention and the fused
+# loss, are separate steps appending to the same record, so a slow one cannot lose the others.
+step bench 90 "$PY" -m benchmarks --quick --no-plots --out "$LOGS/bench" \
+  --ops rms_norm,add_rms_norm,swiglu,apply_rotary,flash_attention
+step model-bench 75 "$PY" -m benchmarks --quick --append --no-plots --ops model \
+  --out "$LOGS/bench"
+step bench-new 75 "$PY" -m benchmarks --quick --append --no-plots --out "$LOGS/bench" \
+  --ops flash_attention_varlen,flash_attention_with_kvcache,linear_cross_entropy
 
 # The attention tuning sweep (candidates that compile without spills, ranked, cut to fit).
 if [ -f benchmarks/tune.py ]; then
-  step tune 90 "$PY" -m benchmarks.tune --budget-s 80 --out "$LOGS/tune"
+  step tune 45 "$PY" -m benchmarks.tune --budget-s 40 --out "$LOGS/tune"
 else
   [ "$DRY_RUN" = 1 ] && echo "tune        (benchmarks/tune.py not present: no step)"
 fi
 
 # The rest of the suite: hostile inputs, numerics, fuzzing, determinism, reliability.
-step tests 90 "${PYTEST[@]}" "${PARALLEL[@]}" -m "not slow" "${NO_EMULATOR[@]}" \
+step tests 60 "${PYTEST[@]}" "${PARALLEL[@]}" -m "not slow" "${NO_EMULATOR[@]}" \
   --junitxml="$LOGS/junit.xml" "${FAST[@]/#/--ignore=}" tests
 
 # compute-sanitizer on small shapes of the CUDA backend, attention included (each tool slows
@@ -132,10 +138,10 @@ step tests 90 "${PYTEST[@]}" "${PARALLEL[@]}" -m "not slow" "${NO_EMULATOR[@]}" 
 if [ "$DRY_RUN" = 1 ] || command -v compute-sanitizer > /dev/null; then
   SMALL=(tests/test_ops.py -q -p no:cacheprovider
          -k "cuda and not 65536 and not 8191 and not 2048 and not 1025")
-  step memcheck 30 compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+  step memcheck 20 compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     "$PY" -m pytest "${SMALL[@]}"
   for tool in racecheck synccheck initcheck; do
-    step "$tool" 20 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    step "$tool" 15 compute-sanitizer --tool "$tool" --error-exitcode 3 \
       "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider \
       -k "cuda and (123 or 64 or halves or strided or attention)"
   done
@@ -144,7 +150,7 @@ else
 fi
 
 # The slow ones last, one at a time: tensors past 2**31 elements need most of the GPU's memory.
-step tests-slow 45 "${PYTEST[@]}" -m slow --junitxml="$LOGS/junit-slow.xml" tests
+step tests-slow 30 "${PYTEST[@]}" -m slow --junitxml="$LOGS/junit-slow.xml" tests
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "worst case: $PLANNED s of step limits against a budget of $BUDGET s (the last steps are"
