@@ -22,6 +22,22 @@
 // the longest sequence (llama_kernels.ops.flash_attention_varlen checks that in eager calls).
 // A sequence may be empty or have more queries than keys; a query that sees no key gets out 0,
 // lse -inf and dq 0.
+//
+// Attention against a KV cache (inference), the append kernel and the decode kernel's KVCACHE
+// specialization:
+//   flash_attention_kvcache_cuda(q, k_cache, v_cache, cache_seqlens, k, v, block_table,
+//                                rotary_cos, rotary_sin, rotary_interleaved, causal,
+//                                softmax_scale) -> out
+// with the semantics of reference.attention_with_kvcache: the new k, v (B, S_new, Hkv, D) are
+// written into the caches in place at rows cache_seqlens[b] + i (k rotated when tables are
+// given), q is rotated at the same positions, and each sequence attends to its
+// cache_seqlens[b] + S_new keys. Caches (B, S_cache, Hkv, D), or paged (num_blocks, page, Hkv,
+// D) with block_table int32 (B, max_blocks), page a power of two >= 16; unit stride along D and
+// 16-byte aligned rows (they are written in place, so never copied). (Hq / Hkv) * Sq at most 64
+// (the decode kernel's packed rows). Nothing here reads a device value (no host sync, so a
+// CUDA graph can capture the call): the split count comes from the capacity, and the lengths
+// and table entries must lie within the caches (llama_kernels.ops.flash_attention_kvcache
+// checks that in eager calls).
 #include "common.cuh"
 #include "flash_attention_kernels.cuh"
 
@@ -31,6 +47,7 @@
 #include <climits>
 #include <cmath>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <tuple>
 
@@ -387,6 +404,150 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_varlen_bwd_cuda(
   return {dq, dk, dv};
 }
 
+// ------------------------------------------------------------------------------ KV cache
+
+void check_int32(const at::Tensor& t, const at::Tensor& q, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), name, ": expected a tensor on ",
+              q.device(), " (that of q), got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, ": expected ", dim, " dimensions, got ", t.sizes());
+  TORCH_CHECK(t.size(0) == q.size(0), name, ": expected ", q.size(0), " rows (the batch of q), "
+              "got shape ", t.sizes());
+}
+
+// Caches are written in place: they must already have the layout the kernels read.
+void check_cache(const at::Tensor& c, const at::Tensor& q, const char* name) {
+  check_like(c, q, name);
+  TORCH_CHECK(c.size(3) == q.size(3), name, ": expected head_dim ", q.size(3), " (that of q), "
+              "got shape ", c.sizes());
+  TORCH_CHECK(rows_16b(c).is_same(c), name, ": expected unit stride along head_dim and 16-byte "
+              "aligned rows (the cache is written in place), got strides ", c.strides());
+}
+
+at::Tensor flash_attention_kvcache_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens_in, const std::optional<at::Tensor>& k_in,
+    const std::optional<at::Tensor>& v_in, const std::optional<at::Tensor>& block_table_in,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved, bool causal, double softmax_scale) {
+  LK_CHECK_CUDA(q_in, "q");
+  LK_CHECK_DIM(q_in, 4, "q");
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
+              "q: expected dtype float16 or bfloat16, got ", q_in.scalar_type());
+  const int64_t batch = q_in.size(0), sq = q_in.size(1), hq = q_in.size(2), d = q_in.size(3);
+  TORCH_CHECK(d == 64 || d == 128, "q: head_dim must be 64 or 128 for the cuda backend, got ", d);
+  check_cache(k_cache, q_in, "k_cache");
+  check_cache(v_cache, q_in, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: expected shape ", k_cache.sizes(),
+              " (that of k_cache), got ", v_cache.sizes());
+  const int64_t hkv = k_cache.size(2), rows = k_cache.size(1);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "k_cache: the number of kv heads (", hkv,
+              ") must divide the number of query heads (", hq, ")");
+  TORCH_CHECK((hq / hkv) * sq <= attention::kDecodeMaxRows, "q: (heads_q / heads_kv) * seqlen_q "
+              "must be at most ", attention::kDecodeMaxRows, " for the cuda backend, got ",
+              (hq / hkv) * sq);
+  TORCH_CHECK(batch <= kMaxGridYZ && hkv <= kMaxGridYZ, "q: batch and kv heads must be at most ",
+              kMaxGridYZ, ", got ", q_in.sizes());
+  check_int32(cache_seqlens_in, q_in, "cache_seqlens", 1);
+  at::Tensor block_table;
+  int64_t capacity = rows;
+  int page_shift = 0;
+  if (block_table_in.has_value()) {
+    check_int32(*block_table_in, q_in, "block_table", 2);
+    TORCH_CHECK(rows >= 16 && (rows & (rows - 1)) == 0, "k_cache: expected a block size "
+                "(dimension 1) that is a power of two >= 16 with a block_table, got ", rows);
+    block_table = block_table_in->contiguous();
+    capacity = rows * block_table.size(1);
+    while ((int64_t(1) << page_shift) < rows) ++page_shift;
+  } else {
+    TORCH_CHECK(k_cache.size(0) == batch, "k_cache: expected batch ", batch, " (that of q) "
+                "without a block_table, got shape ", k_cache.sizes());
+  }
+  TORCH_CHECK(k_in.has_value() == v_in.has_value(), "k, v: expected both new keys and values, "
+              "or neither");
+  int64_t s_new = 0;
+  if (k_in.has_value()) {
+    check_like(*k_in, q_in, "k");
+    TORCH_CHECK(k_in->size(0) == batch && k_in->size(2) == hkv && k_in->size(3) == d,
+                "k: expected shape (", batch, ", S_new, ", hkv, ", ", d, "), got ",
+                k_in->sizes());
+    check_like(*v_in, q_in, "v");
+    TORCH_CHECK(v_in->sizes() == k_in->sizes(), "v: expected shape ", k_in->sizes(),
+                " (that of k), got ", v_in->sizes());
+    s_new = k_in->size(1);
+  }
+  TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), "rotary_cos, rotary_sin: "
+              "expected both tables, or neither");
+  at::Tensor cos, sin;
+  if (rotary_cos.has_value()) {
+    for (const auto& [t, name] : {std::pair{&*rotary_cos, "rotary_cos"},
+                                  std::pair{&*rotary_sin, "rotary_sin"}}) {
+      TORCH_CHECK(t->is_cuda() && t->device() == q_in.device(), name, ": expected a tensor on ",
+                  q_in.device(), " (that of q), got one on ", t->device());
+      TORCH_CHECK(t->dim() == 2 && t->size(1) == d / 2, name, ": expected shape (rows, ", d / 2,
+                  "), got ", t->sizes());
+    }
+    TORCH_CHECK(rotary_sin->sizes() == rotary_cos->sizes(), "rotary_sin: expected shape ",
+                rotary_cos->sizes(), " (that of rotary_cos), got ", rotary_sin->sizes());
+  }
+  TORCH_CHECK(capacity + sq < (int64_t(1) << 30), "k_cache: capacity must be below 2**30, got ",
+              capacity);
+  check_scale(softmax_scale);
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor out = at::empty(q_in.sizes(), q_in.options());
+  if (batch == 0) return out;
+  const bool rotary = rotary_cos.has_value();
+  if (rotary) {  // the kernels read fp32 tables with unit stride along D / 2
+    cos = rotary_cos->to(at::kFloat).contiguous();
+    sin = rotary_sin->to(at::kFloat).contiguous();
+  }
+  const at::Tensor q = rows_16b(q_in);
+  const at::Tensor seqlens = cache_seqlens_in.contiguous();
+  const at::Tensor k = s_new ? k_in->contiguous() : at::Tensor();
+  const at::Tensor v = s_new ? v_in->contiguous() : at::Tensor();
+  AttnParams p = make_params(q, k_cache, v_cache, causal, softmax_scale);
+  p.seqlen_k = static_cast<int>(capacity);
+  p.seqlen_new = static_cast<int>(s_new);
+  p.k_cache = k_cache.data_ptr(), p.v_cache = v_cache.data_ptr();
+  p.cache_seqlens = seqlens.data_ptr<int>();
+  if (block_table.defined()) {
+    p.block_table = block_table.data_ptr<int>();
+    p.block_table_stride = block_table.stride(0);
+    p.page_shift = page_shift;
+  }
+  if (s_new) {
+    p.k_new = k.data_ptr(), p.v_new = v.data_ptr();
+    p.k_new_s = strides_of(k), p.v_new_s = strides_of(v);
+  }
+  at::Tensor q_rot;
+  if (rotary) {
+    q_rot = at::empty(q.sizes(), q.options());
+    p.q_rot = q_rot.data_ptr(), p.q_rot_s = strides_of(q_rot);
+    p.rotary_cos = cos.data_ptr<float>(), p.rotary_sin = sin.data_ptr<float>();
+    p.rotary_stride = cos.stride(0);
+    p.rotary_interleaved = rotary_interleaved;
+  }
+  if (capacity == 0) return out.zero_();  // no key in any sequence, nothing to append
+  at::Tensor lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
+  p.o = out.data_ptr(), p.o_s = strides_of(out), p.lse = lse.data_ptr<float>();
+  p.num_splits = attention::decode_splits(p, num_sms(q.get_device()));
+  at::Tensor o_partial, lse_partial;
+  if (p.num_splits > 1) {
+    o_partial = at::empty({p.num_splits, batch, hq, sq, d}, lse.options());
+    lse_partial = at::empty({p.num_splits, batch, hq, sq}, lse.options());
+    p.o_partial = o_partial.data_ptr<float>(), p.lse_partial = lse_partial.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const int device = q.get_device();
+    check_smem_fits(device, d, [&](auto&& dry) { attention::run_kvcache<T>(p, d, dry); });
+    attention::run_kvcache<T>(p, d, launcher(stream, device));
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace llama_kernels
 
@@ -395,4 +556,5 @@ TORCH_LIBRARY_IMPL(llama_kernels, CUDA, m) {
   m.impl("flash_attention_bwd_cuda", &llama_kernels::flash_attention_bwd_cuda);
   m.impl("flash_attention_varlen_fwd_cuda", &llama_kernels::flash_attention_varlen_fwd_cuda);
   m.impl("flash_attention_varlen_bwd_cuda", &llama_kernels::flash_attention_varlen_bwd_cuda);
+  m.impl("flash_attention_kvcache_cuda", &llama_kernels::flash_attention_kvcache_cuda);
 }

@@ -69,6 +69,31 @@ struct AttnParams {
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
   int64_t total_q;
+  // Attention against a KV cache (run_kvcache: the append kernel, then the decode kernel's
+  // KVCACHE specialization). k and v are the caches, (B, S_cache, Hkv, D), or paged pools
+  // (num_blocks, page size, Hkv, D) whose k_s.batch / v_s.batch step one block. Sequence b has
+  // cache_seqlens[b] cached tokens plus seqlen_new new ones, seqlen_k is the capacity (it sizes
+  // the split count only). Token t of sequence b lives in row t of k[b] (block_table nullptr),
+  // or in row t % 2**page_shift of block block_table[b * block_table_stride + (t >> page_shift)].
+  const int* cache_seqlens;
+  const int* block_table;
+  int64_t block_table_stride;
+  int page_shift;
+  int seqlen_new;
+  // The append: k_new, v_new (B, seqlen_new, Hkv, D) into the caches k_cache, v_cache (the
+  // same memory as k, v) at rows cache_seqlens[b] + i; with rotary tables (fp32 (rows, D / 2),
+  // rows rotary_stride apart; nullptr: no rotation) k_new is rotated there and q into q_rot
+  // (B, Sq, Hq, D), which the decode kernel then reads instead of q.
+  const void* k_new;
+  const void* v_new;
+  void* k_cache;
+  void* v_cache;
+  void* q_rot;
+  Strides k_new_s, v_new_s, q_rot_s;
+  const float* rotary_cos;
+  const float* rotary_sin;
+  int64_t rotary_stride;
+  bool rotary_interleaved;
 };
 
 constexpr float kLog2e = 1.4426950408889634f;

@@ -5,6 +5,7 @@
 //   flash_attention_common.cuh  AttnParams, tile arithmetic, swizzled tile loads, softmax step
 //   flash_fwd_kernels.cuh       O = softmax(scale Q K^T + mask) V and lse, one query block a block
 //   flash_decode_kernels.cuh    the same for few queries: split-KV decode and the merge of splits
+//   kvcache_append_kernels.cuh  new keys and values into a KV cache (rotated), q rotated
 //   flash_bwd_kernels.cuh       delta = rowsum(dO o O), then dK, dV and dQ
 //
 // Kernel source only: no torch, no launches of its own. flash_attention.cu launches these with
@@ -19,6 +20,8 @@
 //   void run_forward(const AttnParams& p, int head_dim, Launch&& launch);   // writes o, lse
 //   template <typename T, typename Launch>
 //   void run_backward(const AttnParams& p, int head_dim, Launch&& launch);  // dq, dk, dv
+//   template <typename T, typename Launch>
+//   void run_kvcache(const AttnParams& p, int head_dim, Launch&& launch);   // caches, o, lse
 // T is __half or __nv_bfloat16; head_dim is 64 or 128 (others are refused by the callers).
 // Packed sequences (p.cu_seqlens_q set) launch the kernels' VARLEN specializations on the same
 // grids, sized by the longest sequences (p.seqlen_q, p.seqlen_k), and never the decode kernel.
@@ -32,6 +35,7 @@
 #include "flash_bwd_kernels.cuh"
 #include "flash_decode_kernels.cuh"
 #include "flash_fwd_kernels.cuh"
+#include "kvcache_append_kernels.cuh"
 
 #include <cstddef>
 #include <cstdint>
@@ -127,7 +131,7 @@ void run_forward(const AttnParams& p, int head_dim, Launch&& launch) {
     }
     auto decode = [&](auto tile) {
       using Decode = decltype(tile);
-      launch("flash_decode_kernel", flash_decode_kernel<T, Decode>,
+      launch("flash_decode_kernel", flash_decode_kernel<T, Decode, false>,
              dim3(p.num_splits, p.heads_kv, p.batch), dim3(Decode::THREADS), Decode::SMEM_BYTES,
              p);
     };
@@ -141,6 +145,49 @@ void run_forward(const AttnParams& p, int head_dim, Launch&& launch) {
       const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
       launch("flash_decode_combine_kernel", flash_decode_combine_kernel<T, Tile::D>,
              dim3(unsigned((rows + 7) / 8)), dim3(256), 0, p);
+    }
+  });
+}
+
+// Attention against a KV cache (the AttnParams fields of flash_attention_common.cuh): the append
+// kernel when there are new keys or a rotation (it writes the caches and p.q_rot), then the
+// decode kernel's KVCACHE specialization over each sequence's cache_seqlens[b] + seqlen_new keys,
+// reading p.q_rot when rotating, and the combine kernel when p.num_splits > 1. p.num_splits from
+// decode_splits with seqlen_k the capacity (at least 1: the callers return before any launch
+// for an empty cache); the packed rows (Hq / Hkv) * Sq at most kDecodeMaxRows. Every grid comes
+// from shapes, none from the lengths: nothing here reads device memory.
+template <typename T, typename Launch>
+void run_kvcache(const AttnParams& p, int head_dim, Launch&& launch) {
+  if (p.num_splits < 1 || decode_row_tiles(int64_t(p.heads_q / p.heads_kv) * p.seqlen_q) == 0) {
+    throw std::invalid_argument("flash attention with a KV cache: needs decode splits and at "
+                                "most 64 packed query rows");
+  }
+  with_head_dim(head_dim, [&](auto config) {
+    constexpr int D = decltype(config)::Fwd::D;
+    const bool rotary = p.rotary_cos != nullptr;
+    const int n_tokens = p.seqlen_new > p.seqlen_q || !rotary ? p.seqlen_new : p.seqlen_q;
+    if (n_tokens > 0) {
+      launch("kvcache_append_kernel", kvcache_append_kernel<T, D>,
+             dim3(unsigned(int64_t(p.batch) * n_tokens)), dim3(kAppendThreads), 0, p);
+    }
+    if (p.seqlen_q == 0) return;
+    AttnParams attend = p;
+    if (rotary) attend.q = p.q_rot, attend.q_s = p.q_rot_s;
+    auto decode = [&](auto tile) {
+      using Decode = decltype(tile);
+      launch("flash_decode_kernel", flash_decode_kernel<T, Decode, true>,
+             dim3(p.num_splits, p.heads_kv, p.batch), dim3(Decode::THREADS), Decode::SMEM_BYTES,
+             attend);
+    };
+    switch (decode_row_tiles(int64_t(p.heads_q / p.heads_kv) * p.seqlen_q)) {
+      case 1: decode(DecodeTile<D, 1>{}); break;
+      case 2: decode(DecodeTile<D, 2>{}); break;
+      default: decode(DecodeTile<D, 4>{}); break;
+    }
+    if (p.num_splits > 1) {
+      const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+      launch("flash_decode_combine_kernel", flash_decode_combine_kernel<T, D>,
+             dim3(unsigned((rows + 7) / 8)), dim3(256), 0, attend);
     }
   });
 }

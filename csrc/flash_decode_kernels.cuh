@@ -22,10 +22,21 @@
 // normalized partial output and lse in fp32 to o_partial / lse_partial and
 // flash_decode_combine_kernel merges them.
 //
+// Against a KV cache (KVCACHE): sequence b has its own key count sk = cache_seqlens[b] +
+// seqlen_new, read on the device, so the grid comes from static shapes only (a CUDA graph can
+// capture the launch): the split count is planned for the capacity (p.seqlen_k) and each
+// sequence cuts its own stages into the splits, so a short sequence leaves some splits empty;
+// an empty split writes lse -inf and weight 0, and a sequence with no key gets o = 0. With a
+// block table (paged caches), each K and V row of a 64-key stage is found through the table:
+// pages are powers of two from 16 rows, so a stage may span several pages or a page several
+// stages, and each row's 16-byte chunks still go by cp.async.
+//
 // Preconditions: (Hq / Hkv) * Sq <= Tile::ROWS; seqlen_k > 0; p.num_splits from decode_splits
-// (flash_attention_kernels.cuh: no split empty), with o_partial, lse_partial allocated when it
-// is above 1; grid (num_splits, Hkv, B) of DecodeTile::THREADS threads, DecodeTile::SMEM_BYTES
-// of dynamic shared memory; the combine kernel one warp per (batch, head, query) row.
+// (flash_attention_kernels.cuh: no split empty when dense), with o_partial, lse_partial
+// allocated when it is above 1; grid (num_splits, Hkv, B) of DecodeTile::THREADS threads,
+// DecodeTile::SMEM_BYTES of dynamic shared memory; the combine kernel one warp per (batch, head,
+// query) row. KVCACHE: every sequence's sk within the capacity, and its table entries naming
+// blocks of the pool (the callers' Python op checks both on eager calls).
 #pragma once
 
 #include "flash_attention_common.cuh"
@@ -59,20 +70,50 @@ struct DecodeTile {
                 "the merge scratch fits in the K/V stages");
 };
 
+// The K and V rows [key0, key0 + ROWS) of one kv head of sequence b from paged caches (k, v at
+// the head's row 0 of block 0) into buffer buf of the [2][ROWS][D] stage tiles; rows at or past
+// sk are zero-filled. As load_tile, thread t copies chunk t % (D / 8) of rows t / (D / 8) + it *
+// THREADS / (D / 8); each of its rows looks up its own block (one table read serves K and V).
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_paged_kv_stage(uint32_t k_tiles, uint32_t v_tiles, int buf,
+                                                    const T* k, const T* v, const AttnParams& p,
+                                                    const int* table, int sk, int key0) {
+  constexpr int kChunks = D / 8, kRowsPerPass = THREADS / kChunks;
+  static_assert(THREADS % kChunks == 0 && kRowsPerPass % 8 == 0 && ROWS % kRowsPerPass == 0,
+                "whole rows per pass, a multiple of 8 (the swizzle repeats every 8 rows)");
+  const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  const uint32_t dst = 2 * buf * ROWS * D + 2 * swizzle<D>(r0, c * 8);
+  const int row_mask = (1 << p.page_shift) - 1;
+#pragma unroll
+  for (int it = 0; it < ROWS / kRowsPerPass; ++it) {
+    const int t = key0 + r0 + it * kRowsPerPass;
+    const bool ok = t < sk;
+    int64_t k_at = c * 8, v_at = c * 8;
+    if (ok) {
+      const int64_t block = table[t >> p.page_shift], row = t & row_mask;
+      k_at += block * p.k_s.batch + row * p.k_s.row;
+      v_at += block * p.v_s.batch + row * p.v_s.row;
+    }
+    tc::cp_async_16(k_tiles + dst + it * kRowsPerPass * 2 * D, k + k_at, ok);
+    tc::cp_async_16(v_tiles + dst + it * kRowsPerPass * 2 * D, v + v_at, ok);
+  }
+}
+
 // __launch_bounds__(128, 2) asks for two resident blocks per SM, the occupancy decode_splits
 // plans for (at d128 a block's 68 to 80 KiB of shared memory allows no more than 2 on sm_80).
 // It caps no registers: 2 blocks x 128 threads leave 256 registers a thread, above the 255
 // maximum. It only steers ptxas. Registers (nvcc 13.0, no spills) for 1 / 2 / 4 row tiles:
 // d64 96 / 139 / 140 and d128 153 / 181 / 198 on sm_80; d64 97 / 145 / 146 and
 // d128 153 / 182 / 206 on sm_90.
-template <typename T, typename Tile>
+template <typename T, typename Tile, bool KVCACHE>
 __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const AttnParams p) {
   constexpr int D = Tile::D, BLOCK_N = Tile::BLOCK_N, THREADS = Tile::THREADS;
   constexpr int WARPS = Tile::WARPS, DT = D / 8, CHUNKS = D / 8, ROWS = Tile::ROWS;
   constexpr int KEY_WARPS = Tile::KEY_WARPS, WARP_KEYS = Tile::WARP_KEYS, NT = WARP_KEYS / 8;
   const int split = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
   const int group = p.heads_q / p.heads_kv;
-  const int sq = p.seqlen_q, sk = p.seqlen_k;
+  const int sq = p.seqlen_q;
+  const int sk = KVCACHE ? p.cache_seqlens[b] + p.seqlen_new : p.seqlen_k;
   const int rows = group * sq;  // <= ROWS
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   // This warp's m16 tile (packed rows row0 .. row0 + 15) and its keys of each stage.
@@ -86,7 +127,8 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
   T* s_v = s_k + 2 * BLOCK_N * D;       // [2][BLOCK_N][D]
   const uint32_t sh_q = tc::smem_addr(s_q), sh_k = tc::smem_addr(s_k), sh_v = tc::smem_addr(s_v);
 
-  // This split's stages [t_begin, t_end) (decode_splits leaves none empty).
+  // This split's stages [t_begin, t_end) (decode_splits leaves none empty for dense keys; a
+  // cached sequence shorter than the capacity may leave some empty).
   const int stages = ceil_div(sk, BLOCK_N);
   const int per_split = ceil_div(stages, p.num_splits);
   const int t_begin = split * per_split;
@@ -102,10 +144,18 @@ __global__ void __launch_bounds__(Tile::THREADS, 2) flash_decode_kernel(const At
     tc::cp_async_16(s_q + swizzle<D>(r, chunk * 8), src, ok);
   }
   tc::cp_async_commit();  // Q alone in the first group: its fragments go to registers early
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s.batch + h_kv * p.k_s.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s.batch + h_kv * p.v_s.head;
+  const bool paged = KVCACHE && p.block_table != nullptr;
+  const int64_t kv_batch = paged ? 0 : b;  // paged: the table picks the block of each row
+  const T* k = static_cast<const T*>(p.k) + kv_batch * p.k_s.batch + h_kv * p.k_s.head;
+  const T* v = static_cast<const T*>(p.v) + kv_batch * p.v_s.batch + h_kv * p.v_s.head;
   auto load_stage = [&](int t, int buf) {
-    load_kv_stage<T, D, BLOCK_N, THREADS>(sh_k, sh_v, buf, k, v, p, sk, int64_t(t) * BLOCK_N);
+    if (KVCACHE && paged) {
+      load_paged_kv_stage<T, D, BLOCK_N, THREADS>(sh_k, sh_v, buf, k, v, p,
+                                                  p.block_table + b * p.block_table_stride, sk,
+                                                  t * BLOCK_N);
+    } else {
+      load_kv_stage<T, D, BLOCK_N, THREADS>(sh_k, sh_v, buf, k, v, p, sk, int64_t(t) * BLOCK_N);
+    }
   };
   if (t_begin < t_end) load_stage(t_begin, 0);
   tc::cp_async_commit();

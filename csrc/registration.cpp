@@ -37,4 +37,12 @@ TORCH_LIBRARY(llama_kernels, m) {
   m.def("flash_attention_varlen_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,"
         " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+  // Writes the new k, v into k_cache and v_cache in place (declared mutations).
+  m.def("flash_attention_kvcache_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache,"
+        " Tensor cache_seqlens, Tensor? k, Tensor? v, Tensor? block_table, Tensor? rotary_cos,"
+        " Tensor? rotary_sin, bool rotary_interleaved, bool causal, float softmax_scale)"
+        " -> Tensor");
+  // Writes each row's loss into loss and, with write_grad, dz over logits (declared mutations).
+  m.def("cross_entropy_chunk_cuda(Tensor(a!) logits, Tensor target, Tensor(b!) loss,"
+        " Tensor scale, int ignore_index, bool write_grad) -> ()");
 }

@@ -5,8 +5,8 @@
 - the compiled kernels (read back from the .so with cuobjdump, the copy in Triton's wheel or
   one on PATH) use no local memory: no register spills, no stack, on each of sm_80 and sm_90
   that the build holds;
-- the SASS of the vectorized forward kernels (RMSNorm, SwiGLU, rotary) holds 128-bit global
-  loads;
+- the SASS of the vectorized kernels (RMSNorm, SwiGLU, rotary, the cross-entropy chunk pass)
+  holds 128-bit global loads;
 - the flash-attention kernels run their products on tensor cores (HMMA.16816 with fp32
   accumulators), read their operands with ldmatrix (LDSM) and stage tiles with cp.async
   (LDGSTS), on both architectures.
@@ -40,13 +40,14 @@ ARCHS = ("sm_80", "sm_90")
 FAMILIES = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "rms_norm_dw_kernel",
             "swiglu_fwd_kernel", "swiglu_bwd_kernel", "rotary_kernel", "flash_fwd_kernel",
             "flash_bwd_delta_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel",
-            "flash_decode_kernel", "flash_decode_combine_kernel")
+            "flash_decode_kernel", "flash_decode_combine_kernel", "kvcache_append_kernel",
+            "cross_entropy_chunk_kernel")
 # Attention kernels with tensor-core products: each of its 2 dtypes x 2 head dims.
 TENSOR_CORE = ("flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel",
                "flash_decode_kernel")
 # Families whose 16-byte-vector specializations must load with 128-bit instructions.
 VECTORIZED = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "swiglu_fwd_kernel",
-              "swiglu_bwd_kernel", "rotary_kernel")
+              "swiglu_bwd_kernel", "rotary_kernel", "cross_entropy_chunk_kernel")
 # Itanium mangling of <T, kVec, ...>: T is f / 6__half / 13__nv_bfloat16, then Li<kVec>E.
 _SPECIALIZATION = re.compile(r"(%s)I(?:f|6__half|13__nv_bfloat16)Li(\d+)E" % "|".join(VECTORIZED))
 # LDG.E.128 on sm_80, also with .CONSTANT (read-only path) or other modifiers on sm_90.
@@ -124,7 +125,8 @@ def test_every_cuda_schema_has_a_cuda_kernel():
     for expected in ("rms_norm_fwd_cuda", "add_rms_norm_fwd_cuda", "rms_norm_bwd_cuda",
                      "swiglu_fwd_cuda", "swiglu_bwd_cuda", "rotary_cuda",
                      "flash_attention_fwd_cuda", "flash_attention_bwd_cuda",
-                     "flash_attention_varlen_fwd_cuda", "flash_attention_varlen_bwd_cuda"):
+                     "flash_attention_varlen_fwd_cuda", "flash_attention_varlen_bwd_cuda",
+                     "cross_entropy_chunk_cuda"):
         assert f"llama_kernels::{expected}" in names
     missing = [name for name in names
                if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")]
@@ -197,8 +199,8 @@ def test_attention_uses_tensor_cores(sass, arch):
         bodies = {name: body for name, body in functions.items() if family in name}
         # (__half, __nv_bfloat16) x (head_dim 64, 128), for the prefill and backward kernels
         # dense and packed (VARLEN), and for the decode kernel per row tile count (1, 2 or 4 m16
-        # tiles of packed grouped-query rows)
-        expected = 12 if family == "flash_decode_kernel" else 8
+        # tiles of packed grouped-query rows), dense and against a KV cache (KVCACHE)
+        expected = 24 if family == "flash_decode_kernel" else 8
         assert len(bodies) == expected, f"{family} on {arch}: {sorted(bodies)}"
         for name, body in bodies.items():
             dtype = "BF16" if "nv_bfloat16" in name else "F16"
@@ -234,6 +236,9 @@ _CUDA_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     ("flash_attention_varlen_bwd_cuda",
      lambda: (*[torch.randn(3, 2, 64)] * 5, torch.randn(2, 3),
               *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3, True, 0.125), "q"),
+    ("cross_entropy_chunk_cuda",
+     lambda: (torch.randn(2, 8), torch.zeros(2, dtype=torch.int64), torch.empty(2),
+              torch.ones(()), -100, True), "logits"),
 ])
 def test_cuda_kernel_checks_its_inputs_first(name, args, first):
     # Reaching the CUDA kernel itself with CPU tensors (redispatch skips the CPU dispatch key)

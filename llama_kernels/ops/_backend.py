@@ -28,6 +28,8 @@ CUDA_KERNELS = (
     "rms_norm_fwd_cuda", "add_rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "swiglu_fwd_cuda",
     "swiglu_bwd_cuda", "rotary_cuda", "flash_attention_fwd_cuda", "flash_attention_bwd_cuda",
     "flash_attention_varlen_fwd_cuda", "flash_attention_varlen_bwd_cuda",
+    "flash_attention_kvcache_cuda",
+    "cross_entropy_chunk_cuda",
 )
 TRITON_MODULES = ("rms_norm", "swiglu", "rotary", "flash_attention", "cross_entropy",
                   "flash_attention_varlen", "flash_attention_kvcache")

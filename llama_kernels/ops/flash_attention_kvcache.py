@@ -14,9 +14,12 @@ sequence b is row t % block_size of block block_table[b, t // block_size]. This 
 (or chunked-prefill) step of a server holding many sequences of different lengths.
 
 Backends: triton (llama_kernels/triton/flash_attention_kvcache.py: an append kernel, the
-split-KV decode kernel, its combine; no host sync on the launch path) and torch
-(reference.attention_with_kvcache). The value checks below read cache_seqlens on the host, so
-they run on eager calls only.
+split-KV decode kernel, its combine; no host sync on the launch path), what auto picks first on
+a GPU; cuda (the extension's flash_attention_kvcache_cuda: csrc/kvcache_append_kernels.cuh and
+the CUDA decode kernel's KVCACHE specialization, no host sync either; head_dim 64 or 128, fp16
+and bf16, (Hq / Hkv) * Sq <= 64 packed query rows, caches with 16-byte aligned rows; auto
+passes over it for anything else) and torch (reference.attention_with_kvcache). The value
+checks below read cache_seqlens on the host, so they run on eager calls only.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ from torch import Tensor
 
 from llama_kernels import reference
 from llama_kernels.ops import _backend, _checks
+from llama_kernels.ops.flash_attention import AUTO_ORDER, CUDA_HEAD_DIMS
 
 # Backends with a cached-attention kernel; auto passes over the others (to torch).
-KERNEL_BACKENDS: tuple[str, ...] = ("triton",)
+KERNEL_BACKENDS: tuple[str, ...] = ("triton", "cuda")
+CUDA_KERNEL = "flash_attention_kvcache_cuda"
+# The CUDA decode kernel packs the query heads of a kv group and their queries into at most
+# 4 m16 tiles (csrc/flash_decode_kernels.cuh, kDecodeMaxRows).
+CUDA_MAX_ROWS = 64
 
 
 @torch.library.custom_op("llama_kernels::flash_attention_with_kvcache",
@@ -40,6 +48,10 @@ def flash_attention_with_kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                     block_table: Tensor | None, rotary_cos: Tensor | None,
                                     rotary_sin: Tensor | None, rotary_interleaved: bool,
                                     causal: bool, softmax_scale: float, backend: str) -> Tensor:
+    if backend == "cuda":
+        return _backend.cuda_op(CUDA_KERNEL)(q, k_cache, v_cache, cache_seqlens, k, v,
+                                             block_table, rotary_cos, rotary_sin,
+                                             rotary_interleaved, causal, softmax_scale)
     if backend == "triton":
         return _backend.triton_module("flash_attention_kvcache").flash_attention_with_kvcache(
             q, k_cache, v_cache, cache_seqlens, k, v, block_table=block_table,
@@ -148,6 +160,27 @@ def _check(q, k_cache, v_cache, cache_seqlens, k, v, block_table, rotary_cos, ro
                                  f"{ids.tolist()}")
 
 
+def cuda_unsupported_reason(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> str | None:
+    """Why the cuda kernels cannot take these (otherwise valid) inputs, or None."""
+    d, group = q.shape[-1], q.shape[2] // k_cache.shape[2]
+    if d not in CUDA_HEAD_DIMS:
+        return f"head_dim {d} (cuda kernels are built for {CUDA_HEAD_DIMS})"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} inputs (cuda kernels take fp16 and bf16)"
+    if group * q.shape[1] > CUDA_MAX_ROWS:
+        return (f"(Hq / Hkv) * Sq = {group * q.shape[1]} packed query rows (the cuda decode "
+                f"kernel takes at most {CUDA_MAX_ROWS})")
+    # Allocations start 16-byte aligned, so the storage offset tells (and fake tensors have it).
+    es = k_cache.element_size()
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.stride(-1) != 1 or c.storage_offset() * es % 16 or any(
+                s * es % 16 and n > 1 for n, s in zip(c.shape[:3], c.stride()[:3])):
+            return f"{name} without 16-byte aligned rows (the cache is written in place)"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "GPUs before sm_80 (the kernels use sm_80 tensor-core instructions)"
+    return None
+
+
 def flash_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                  cache_seqlens: Tensor, k: Tensor | None = None,
                                  v: Tensor | None = None, *, block_table: Tensor | None = None,
@@ -175,9 +208,12 @@ def flash_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     why = triton_module and triton_module.unsupported_reason(q, k_cache, v_cache)
     if why:
         unsupported["triton"] = why
+    why = "cuda" in KERNEL_BACKENDS and cuda_unsupported_reason(q, k_cache, v_cache)
+    if why:
+        unsupported["cuda"] = why
     name = _backend.resolve(backend, op="flash_attention_with_kvcache", device=q.device,
-                            cuda_kernel="flash_attention_fwd_cuda",
-                            triton_module="flash_attention_kvcache", unsupported=unsupported)
+                            cuda_kernel=CUDA_KERNEL, triton_module="flash_attention_kvcache",
+                            unsupported=unsupported, auto_order=AUTO_ORDER)
     return flash_attention_with_kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table,
                                            rotary_cos, rotary_sin, bool(rotary_interleaved),
                                            bool(causal), scale, name)

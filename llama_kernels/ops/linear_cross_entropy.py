@@ -7,9 +7,11 @@ Registered ops (``backend`` already resolved; x (N, dim), weight (vocab, dim), t
                              backend) -> (dx, dweight)               # reduction "none"
     linear_cross_entropy_scale(grad, g, backend) -> grad * g          # "mean" / "sum"
 Backends: "triton" walks the tokens in chunks and never holds the (N, vocab) logits
-(llama_kernels/triton/cross_entropy.py says how, and how big a chunk is); "torch" is
-reference.py with the logits materialized in fp32, the ground truth; "cuda" has no kernel
-(auto passes over it, asking for it raises a ValueError saying so).
+(llama_kernels/triton/cross_entropy.py says how, and how big a chunk is); "cuda" walks the same
+chunks with the extension's chunk kernel (llama_kernels/cuda_cross_entropy.py,
+csrc/cross_entropy_kernels.cuh); "torch" is reference.py with the logits materialized in fp32,
+the ground truth. Auto tries triton before cuda on a GPU (AUTO_ORDER) until the CUDA kernel has
+been timed against it there.
 
 Gradients. For "mean" and "sum" the forward makes dx and dweight of the scalar loss (grad_x /
 grad_weight say which: the ones that require grad while grad mode is on; none in eval) and the
@@ -35,8 +37,17 @@ from llama_kernels import reference
 from llama_kernels.ops import _backend, _checks
 
 REDUCTIONS = ("mean", "sum", "none")
-NO_CUDA = "the fused linear cross entropy (no CUDA kernel; its triton backend uses cuBLAS " \
-          "for the matmuls)"
+CUDA_KERNEL = "cross_entropy_chunk_cuda"
+AUTO_ORDER = ("triton", "cuda")
+
+
+def _chunked(backend: str):
+    """The chunked launchers of a kernel backend: the Triton module, or the CUDA host loop
+    (imported on first use: it needs the extension's op only when it runs)."""
+    if backend == "triton":
+        return _backend.triton_module("cross_entropy")
+    from llama_kernels import cuda_cross_entropy
+    return cuda_cross_entropy
 
 
 def _torch_grads(x, weight, target, ignore_index, row_scale, grad_x, grad_weight):
@@ -56,8 +67,8 @@ def _torch_grads(x, weight, target, ignore_index, row_scale, grad_x, grad_weight
 def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                              reduction: str, grad_x: bool, grad_weight: bool,
                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _backend.triton_module("cross_entropy").linear_cross_entropy_fwd(
+    if backend in ("triton", "cuda"):
+        return _chunked(backend).linear_cross_entropy_fwd(
             x, weight, target, ignore_index=ignore_index, reduction=reduction, grad_x=grad_x,
             grad_weight=grad_weight)
     loss = reference.linear_cross_entropy(x, weight, target, ignore_index=ignore_index,
@@ -85,8 +96,8 @@ def _(x, weight, target, ignore_index, reduction, grad_x, grad_weight, backend):
 def linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
                              ignore_index: int, grad_x: bool, grad_weight: bool,
                              backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _backend.triton_module("cross_entropy").linear_cross_entropy_bwd(
+    if backend in ("triton", "cuda"):
+        return _chunked(backend).linear_cross_entropy_bwd(
             grad_loss, x, weight, target, ignore_index=ignore_index, grad_x=grad_x,
             grad_weight=grad_weight)
     return _torch_grads(x, weight, target, ignore_index, grad_loss, grad_x, grad_weight)
@@ -101,8 +112,8 @@ def _(grad_loss, x, weight, target, ignore_index, grad_x, grad_weight, backend):
 
 @torch.library.custom_op("llama_kernels::linear_cross_entropy_scale", mutates_args=())
 def linear_cross_entropy_scale(grad: Tensor, g: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
-        return _backend.triton_module("cross_entropy").scale(grad, g)
+    if backend in ("triton", "cuda"):
+        return _chunked(backend).scale(grad, g)
     return (grad.float() * g.float()).to(grad.dtype)
 
 
@@ -145,7 +156,7 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
 def check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
     """Every target in [0, vocab) or ignore_index. Reading the values costs a device sync, so
     this runs in eager calls only: not while torch.compile traces or a CUDA graph is captured
-    (a bad target there gives its row a NaN loss in the triton kernel)."""
+    (a bad target there gives its row a NaN loss in the triton and cuda kernels)."""
     if torch.compiler.is_compiling() or (target.is_cuda
                                          and torch.cuda.is_current_stream_capturing()):
         return
@@ -178,19 +189,16 @@ def _check(x, weight, target, ignore_index, reduction) -> None:
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, ignore_index: int = -100,
                          reduction: str = "mean", backend: str | None = None) -> Tensor:
     """``F.cross_entropy(x @ weight.T, target, ignore_index=..., reduction=...)`` in fp32 math,
-    without holding the (N, vocab) logits at once (backend "triton").
+    without holding the (N, vocab) logits at once (backends "triton" and "cuda").
 
     x ``(..., dim)``, weight ``(vocab, dim)`` (an nn.Linear weight: the LM head), target
     ``x.shape[:-1]`` int64 class indices. Returns the fp32 loss: a scalar for "mean" / "sum",
     target's shape for "none" (0 where ignored). Differentiable in x and weight.
     """
     _check(x, weight, target, ignore_index, reduction)
-    if _backend.requested_backend(backend) == "cuda":
-        raise ValueError(f"linear_cross_entropy: backend 'cuda' does not support {NO_CUDA}; "
-                         "use backend='triton', 'torch' or 'auto'")
     name = _backend.resolve(backend, op="linear_cross_entropy", device=x.device,
-                            cuda_kernel=None, triton_module="cross_entropy",
-                            unsupported={"cuda": NO_CUDA})
+                            cuda_kernel=CUDA_KERNEL, triton_module="cross_entropy",
+                            auto_order=AUTO_ORDER)
     grad = torch.is_grad_enabled()
     loss = linear_cross_entropy_fwd(
         x.reshape(-1, x.shape[-1]), weight, target.reshape(-1), int(ignore_index), reduction,

@@ -14,6 +14,10 @@ against tests/cuda_emulator/emulator.h, an emulation of csrc/tensor_core.cuh.
                                                                                -> (dq, dk, dv)
       packed sequences (flash-attn's varlen layout): q (total_q, Hq, D), k and v (total_k,
       Hkv, D), cu_seqlens int32 (B + 1,), lse (Hq, total_q)
+    flash_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *, block_table=None,
+                  rotary_cos=None, rotary_sin=None, rotary_interleaved=False, causal=True,
+                  softmax_scale=None, schedule_seed=None)                      -> out
+      attention against a KV cache, contiguous or paged, the new k, v appended in place
 
 Both take compute_capability=(major, minor) (default DEFAULT_CC, 9.0): the emulated device,
 whose opt-in shared-memory limit per block every launch must fit (99 KiB for 8.6 / 8.9, 163 KiB
@@ -230,6 +234,12 @@ _ATTN_SIG = {
     # sizes, softmax_scale, causal
     "flash_varlen_backward_emu": [ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                                   _P, _P, _P, _P, ctypes.c_float, ctypes.c_int],
+    # dtype, head_dim, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
+    # block_table_stride, cos, sin, o, strides (q, k_cache, v_cache, o, k_new, v_new), sizes
+    # (batch, heads_q, heads_kv, seqlen_q, capacity, seqlen_new, page_size), softmax_scale,
+    # causal, interleaved
+    "flash_kvcache_emu": [ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int64,
+                          _P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_int, ctypes.c_int],
 }
 
 
@@ -497,6 +507,70 @@ def flash_varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return dq, dk, dv
 
 
+# ------------------------------------------------------------------------- KV cache
+
+
+def flash_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cache_seqlens: torch.Tensor, k: torch.Tensor | None = None,
+                  v: torch.Tensor | None = None, *, block_table: torch.Tensor | None = None,
+                  rotary_cos: torch.Tensor | None = None, rotary_sin: torch.Tensor | None = None,
+                  rotary_interleaved: bool = False, causal: bool = True,
+                  softmax_scale: float | None = None,
+                  schedule_seed: int | None = None) -> torch.Tensor:
+    """Attention against a KV cache as flash_attention.cu's flash_attention_kvcache_cuda runs
+    it (run_kvcache: append, decode, combine), with the semantics of
+    reference.attention_with_kvcache: the new k, v are written into k_cache, v_cache in place
+    (rotated k when tables are given). CPU tensors: q (B, Sq, Hq, D); caches (B, S_cache, Hkv,
+    D) or paged pools (num_blocks, page_size, Hkv, D) with block_table int32 (B, max_blocks),
+    16-byte aligned rows (they are written in place, so never copied); tables fp32. Returns out
+    (B, Sq, Hq, D), allocated between NaN guard bands. The values (lengths within the caches,
+    table entries within the pool) are the caller's to get right, as on a GPU."""
+    seed = _seed(schedule_seed)
+    if q.dtype not in _DTYPE_CODE:
+        raise ValueError(f"q: expected float16 or bfloat16, got {q.dtype}")
+    for t, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check_bshd(t, name, q.dtype)
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if _rows_16b(t) is not t:
+            raise ValueError(f"{name}: rows must be 16-byte aligned (written in place)")
+    b, sq, hq, d = q.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim {d}: the kernels support {HEAD_DIMS}")
+    page = k_cache.shape[1] if block_table is not None else 0
+    capacity = page * block_table.shape[1] if page else k_cache.shape[1]
+    s_new = 0 if k is None else k.shape[1]
+    out = _Guarded(q.shape, q.dtype, _band(q.shape))
+    if capacity == 0:  # no key anywhere: flash_attention.cu returns zeros without a launch
+        out.view.zero_()
+        return out.view
+    q = _rows_16b(q)
+    seqlens = cache_seqlens.to(torch.int32).contiguous()
+    table = block_table.contiguous() if page else None
+    cos = sin = None
+    if rotary_cos is not None:
+        cos = rotary_cos.float().contiguous()
+        sin = rotary_sin.float().contiguous()
+    if s_new:
+        _check_bshd(k, "k", q.dtype)
+        _check_bshd(v, "v", q.dtype)
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    zero = torch.zeros(1, 1, 1, 1, dtype=q.dtype)
+    k_new, v_new = (k, v) if s_new else (zero, zero)
+    strides = _strides(q, k_cache, v_cache, out.view, k_new, v_new)
+    sizes = (ctypes.c_int * 7)(b, hq, k_cache.shape[2], sq, capacity, s_new, page)
+    tensors = [q, k_cache, v_cache, seqlens, out.view] + ([k, v] if s_new else []) + [
+        t for t in (table, cos, sin) if t is not None]
+    lib = _attention_lib()
+    _invoke(lib, lib.flash_kvcache_emu,
+            (_DTYPE_CODE[q.dtype], d, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+             seqlens.data_ptr(), _ptr(k if s_new else None), _ptr(v if s_new else None),
+             _ptr(table), table.stride(0) if page else 0, _ptr(cos), _ptr(sin),
+             out.view.data_ptr(), strides, sizes, scale, int(causal), int(rotary_interleaved)),
+            seed, tensors=tensors)
+    out.check("out")
+    return out.view
+
+
 # ------------------------------------------------------------------------- row-op wrappers
 
 _ROW_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -708,3 +782,50 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     _fill(launch, ("vec", "threads_per_token", "tokens_per_block", "blocks"), info)
     return out.view
 
+
+
+# ------------------------------------------------------------------------- cross entropy
+
+# dtype, logits, target, loss, scale, rows, vocab, stride_row, stride_scale, ignore_index,
+# write_grad, info
+_CE_SIG = [_I, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I, _P]
+
+
+def _cross_entropy_lib() -> ctypes.CDLL:
+    lib = build("cross_entropy_emu", ["rows_emu.cpp", "cross_entropy_emu.cpp"])
+    lib.cross_entropy_chunk_emu.argtypes = _CE_SIG + [ctypes.c_char_p, ctypes.c_size_t]
+    lib.cross_entropy_chunk_emu.restype = ctypes.c_int
+    lib.emu_register_global.argtypes = [_P, ctypes.c_size_t]
+    return lib
+
+
+def cross_entropy_chunk(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+                        ignore_index: int, write_grad: bool, *, launch: dict | None = None,
+                        schedule_seed: int | None = None) -> torch.Tensor:
+    """The chunk pass of csrc/cross_entropy_kernels.cuh through its launch path, as
+    cross_entropy.cu runs it: logits (rows, vocab) fp32 / fp16 / bf16 with unit stride along vocab
+    and any row stride, overwritten in place by dz when write_grad; target int64 (rows,); scale
+    fp32, 0-dim or (rows,). Returns the fp32 loss (rows,), allocated between NaN guard bands.
+    The logits' span (first to last element), target, scale and loss are the registered global
+    memory: a load_vec / store_vec outside them fails the call. launch receives (vec, threads,
+    blocks)."""
+    seed = _seed(schedule_seed)
+    code = _row_dtype(logits)
+    _check_rows(logits, "logits", logits.dtype)
+    rows, vocab = logits.shape
+    _check_rows(target, "target", torch.int64, (rows,), dims=1)
+    if scale.dtype != torch.float32 or scale.shape not in ((), (rows,)):
+        raise ValueError(f"scale: expected fp32 () or ({rows},), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    target = target.contiguous()
+    loss = _Guarded((rows,), torch.float32, _ROW_BAND)
+    info = (_L * 3)()
+    lib = _cross_entropy_lib()
+    _invoke(lib, lib.cross_entropy_chunk_emu,
+            (code, logits.data_ptr(), target.data_ptr(), loss.view.data_ptr(), scale.data_ptr(),
+             rows, vocab, logits.stride(0), scale.stride(0) if scale.dim() else 0, ignore_index,
+             int(write_grad), info),
+            seed, tensors=(logits, target, scale, loss.view))
+    loss.check("loss")
+    _fill(launch, ("vec", "threads", "blocks"), info)
+    return loss.view

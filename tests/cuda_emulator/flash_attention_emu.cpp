@@ -1,11 +1,13 @@
 // extern "C" entry points running the attention kernels (csrc/flash_attention_kernels.cuh and
 // the headers it includes) on the host emulator, for flash_forward / flash_backward and their
 // packed-sequence twins flash_varlen_forward / flash_varlen_backward in
-// tests/cuda_emulator/__init__.py. The launch decisions are the header's (run_forward /
-// run_backward); this file only fills AttnParams and launches.
+// tests/cuda_emulator/__init__.py, and flash_kvcache (attention against a KV cache). The launch
+// decisions are the header's (run_forward / run_backward / run_kvcache); this file only fills
+// AttnParams and launches.
 #include "emulator.h"
 #include "flash_attention_kernels.cuh"
 
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -216,6 +218,78 @@ int flash_varlen_backward_emu(int dtype, int head_dim, const void* q, const void
       using T = decltype(tag);
       check_smem_fits(head_dim, [&](auto&& dry) { attn::run_backward<T>(p, head_dim, dry); });
       attn::run_backward<T>(p, head_dim, emu_launch);
+    });
+  });
+}
+
+// Attention against a KV cache (run_kvcache: append, decode, combine), as flash_attention.cu's
+// flash_attention_kvcache_cuda launches it. q (B, Sq, Hq, D); k_cache, v_cache (B, S_cache, Hkv,
+// D), or paged pools (num_blocks, page_size, Hkv, D) with block_table int32 (B, max_blocks)
+// rows block_table_stride apart; cache_seqlens int32 (B,); k_new, v_new (B, S_new, Hkv, D) or
+// null with S_new 0; cos, sin fp32 (rows, D / 2) contiguous or null. The caches are written in
+// place. sizes: batch, heads_q, heads_kv, seqlen_q, capacity (S_cache, or max_blocks *
+// page_size), seqlen_new, page_size (0: contiguous); strides: (q, k_cache, v_cache, o, k_new,
+// v_new) x (batch, row, head), in elements.
+int flash_kvcache_emu(int dtype, int head_dim, const void* q, void* k_cache, void* v_cache,
+                      const int* cache_seqlens, const void* k_new, const void* v_new,
+                      const int* block_table, int64_t block_table_stride, const float* cos,
+                      const float* sin, void* o, const int64_t* strides, const int* sizes,
+                      float softmax_scale, int causal, int interleaved, char* err,
+                      size_t err_len) {
+  return emu::call_c(err, err_len, [&] {
+    attn::AttnParams p = base_params(sizes, softmax_scale, causal);
+    p.seqlen_new = sizes[5];
+    const int page_size = sizes[6];
+    p.q = q;
+    p.k = k_cache;
+    p.v = v_cache;
+    p.k_cache = k_cache;
+    p.v_cache = v_cache;
+    p.k_new = k_new;
+    p.v_new = v_new;
+    p.o = o;
+    p.q_s = strides_at(strides, 0);
+    p.k_s = strides_at(strides, 1);
+    p.v_s = strides_at(strides, 2);
+    p.o_s = strides_at(strides, 3);
+    p.k_new_s = strides_at(strides, 4);
+    p.v_new_s = strides_at(strides, 5);
+    p.cache_seqlens = cache_seqlens;
+    p.block_table = page_size ? block_table : nullptr;
+    p.block_table_stride = block_table_stride;
+    p.page_shift = 0;
+    while (page_size && (1 << p.page_shift) < page_size) ++p.page_shift;
+    p.rotary_cos = cos;
+    p.rotary_sin = sin;
+    p.rotary_stride = head_dim / 2;
+    p.rotary_interleaved = interleaved != 0;
+    // Scratch as flash_attention.cu allocates it, NaN until written: the rotated q, lse and the
+    // per-split partials (split count as for a GPU of kEmulatedSms multiprocessors).
+    const size_t rows = size_t(p.batch) * p.heads_q * p.seqlen_q;
+    std::vector<float> lse(rows, std::numeric_limits<float>::quiet_NaN());
+    std::vector<uint16_t> q_rot(cos != nullptr ? rows * head_dim : 0, 0x7fff);
+    emu::register_global(lse.data(), lse.size() * sizeof(float));
+    p.lse = lse.data();
+    if (cos != nullptr) {
+      emu::register_global(q_rot.data(), q_rot.size() * sizeof(uint16_t));
+      p.q_rot = q_rot.data();
+      p.q_rot_s = {int64_t(p.seqlen_q) * p.heads_q * head_dim, int64_t(p.heads_q) * head_dim,
+                   head_dim};
+    }
+    p.num_splits = attn::decode_splits(p, kEmulatedSms);
+    std::vector<float> o_partial, lse_partial;
+    if (p.num_splits > 1) {
+      o_partial.assign(p.num_splits * rows * head_dim, std::numeric_limits<float>::quiet_NaN());
+      lse_partial.assign(p.num_splits * rows, std::numeric_limits<float>::quiet_NaN());
+      emu::register_global(o_partial.data(), o_partial.size() * sizeof(float));
+      emu::register_global(lse_partial.data(), lse_partial.size() * sizeof(float));
+      p.o_partial = o_partial.data();
+      p.lse_partial = lse_partial.data();
+    }
+    emu::with_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      check_smem_fits(head_dim, [&](auto&& dry) { attn::run_kvcache<T>(p, head_dim, dry); });
+      attn::run_kvcache<T>(p, head_dim, emu_launch);
     });
   });
 }
