@@ -11,13 +11,20 @@
                                                         head_dim) into the package's table,
                                                         llama_kernels/triton/attention_tuned.json
 
-The kernels are those of llama_kernels/triton (fwd, decode, bwd_dkdv, bwd_dq), at head_dim 64
-and 128, causal and not, at the benchmark's shapes (prefill 2 x 2048 x 32 heads, decoding 8 x 1
-query against 4096 keys). A candidate is (block_m, block_n, num_warps, num_stages); decode's
-block_m follows the query rows, so its candidates vary the rest. GPU time is scarce, so only
-candidates that compile without spills are in the list, today's rule comes first, and the rest
-follow in the list's order until the time budget is spent: what did not run is listed as not
-timed. Every candidate's output is compared with the rule's before it is timed.
+The kernels are those of llama_kernels/triton (fwd, decode, bwd_dkdv, bwd_dq, bwd_blocked), at
+head_dim 64 and 128, causal and not, at the benchmark's shapes (prefill 2 x 2048 x 32 heads,
+decoding 8 x 1 query against 4096 keys). A candidate is (block_m, block_n, num_warps,
+num_stages); decode's block_m follows the query rows, so its candidates vary the rest. GPU time
+is scarce, so only candidates that compile without spills are in the list, today's rule comes
+first, and the rest follow in the list's order until the time budget is spent: what did not run
+is listed as not timed. Every candidate's output is compared with the rule's before it is timed.
+
+The backward has two structures (attention_launch.BWD_STRUCTURES): "split", timed through its
+bwd_dkdv and bwd_dq candidates, and "blocked", one kernel (bwd_blocked candidates, its
+block_m streamed and block_n resident). Each backward candidate is timed as the whole backward
+and compared with the split rule's gradients; the winners name a bwd_blocked entry only where
+the fastest blocked candidate beat the fastest split one, and that entry is what switches the
+launcher to the blocked structure.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ SPACE = {
                  for w in (4, 8) for s in (3, 5)],
     "bwd_dq": [(bm, bn, w, s) for bm, bn in ((128, 32), (128, 64), (64, 64), (64, 32))
                for w in (4, 8) for s in (3, 5)],
+    # the tutorial's 32 streamed x 128 resident, and halves of either side
+    "bwd_blocked": [(bm, bn, w, s) for bm, bn in ((32, 128), (16, 128), (32, 64), (16, 64))
+                    for w in (4, 8) for s in (3, 5)],
 }
 
 
@@ -63,12 +73,16 @@ def aot_case(kernel: str, head_dim: int, cfg, dtype: str = "bf16"):
     t, f32 = "*" + dtype, "*fp32"
     base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, UPCAST_DOT=False, DOT_PRECISION="tf32",
                 CAUSAL=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    if kernel == "bwd_blocked":
+        base["MASK_BLOCK"] = fa.mask_block(cfg.block_m)
     fn, ptrs = {
         "fwd": (fa._attn_fwd_kernel, dict(default=t, lse_ptr=f32)),
         "decode": (fa._attn_fwd_splitkv_kernel, dict(default=t, o_part_ptr=f32,
                                                      lse_part_ptr=f32)),
         "bwd_dkdv": (fa._attn_bwd_dkdv_kernel, dict(default=t, lse_ptr=f32, delta_ptr=f32)),
         "bwd_dq": (fa._attn_bwd_dq_kernel, dict(default=t, lse_ptr=f32, delta_ptr=f32)),
+        "bwd_blocked": (fa._attn_bwd_blocked_kernel, dict(default=t, lse_ptr=f32,
+                                                          delta_ptr=f32)),
     }[kernel]
     name = f"tune {kernel} d{head_dim} {tuple(cfg)}"
     return fa._aot_case(name, fn, ptrs, base, cfg)
@@ -87,22 +101,33 @@ def load_candidates(path: str = CANDIDATES_PATH) -> dict:
         return json.load(f)
 
 
-def refresh_candidates(jobs: int | None = None, path: str = CANDIDATES_PATH) -> dict:
-    """Compile SPACE (and the rules) for ARCHS here; keep what does not spill."""
+def refresh_candidates(jobs: int | None = None, path: str = CANDIDATES_PATH,
+                       kernels: tuple | None = None) -> dict:
+    """Compile SPACE (and the rules) for ARCHS here; keep what does not spill. ``kernels``
+    limits the compile to those kernels and keeps the others' entries of ``path``."""
     import concurrent.futures
 
     from llama_kernels.triton.attention_launch import AttentionLaunch
 
+    kernels = tuple(kernels or SPACE)
     work = []
     for arch in ARCHS:
         for d in HEAD_DIMS:
             for kernel, space in SPACE.items():
+                if kernel not in kernels:
+                    continue
                 first = tuple(rule(kernel, d, arch))
                 for cand in [first] + [c for c in space if c != first]:
                     work.append((arch, d, kernel, cand))
     with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool:
         results = list(pool.map(_compile_one, work))
     out: dict = {}
+    if set(kernels) != set(SPACE) and os.path.exists(path):
+        for arch, by_dim in load_candidates(path).items():
+            for d, by_kernel in by_dim.items():
+                for kernel, cands in by_kernel.items():
+                    if kernel not in kernels:
+                        out.setdefault(arch, {}).setdefault(d, {})[kernel] = cands
     for (arch, d, kernel, cand), res in zip(work, results):
         slot = out.setdefault(f"sm_{arch}", {}).setdefault(str(d), {}).setdefault(kernel, [])
         if res is not None and res["spill_stores"] + res["spill_loads"] == 0 and res["stack"] == 0:
@@ -184,6 +209,7 @@ def time_all(budget_s: float, candidates: dict) -> list[dict]:
         for kernel, cands in table.get(str(d), {}).items():
             for causal in ((True,) if kernel == "decode" else (True, False)):
                 queues[(kernel, d, causal)] = [AttentionLaunch(*c[:4]) for c in cands]
+    first = {key: queue[0] for key, queue in queues.items() if queue}
     inputs, reference = {}, {}
     while any(queues.values()):
         for key, queue in queues.items():
@@ -202,14 +228,17 @@ def time_all(budget_s: float, candidates: dict) -> list[dict]:
             try:
                 fn = _runner(kernel, d, causal, x, cfg)
                 got = fn()
-                ref = reference.setdefault(key, got)  # the first candidate is the rule
+                # the first candidate of each queue is its rule; every backward candidate is
+                # checked against the first backward timed (the split rule's gradients)
+                ref_key = ("bwd" if kernel.startswith("bwd") else kernel, d, causal)
+                ref = reference.setdefault(ref_key, got)
                 same = all(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
                            for a, b in zip(_as_tuple(got), _as_tuple(ref)))
                 if not same:
                     rows.append({**row, "error": "output differs from the rule's"})
                     continue
                 ms = triton.testing.do_bench(fn, warmup=10, rep=40)
-                rows.append({**row, "ms": ms, "rule": ref is got,
+                rows.append({**row, "ms": ms, "rule": cfg == first[key],
                              "tflops": _flops(kernel, d, causal) / (ms * 1e-3) / 1e12})
             except Exception as e:  # noqa: BLE001 - a failing candidate is a result
                 rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:160]}"})
@@ -236,18 +265,30 @@ def markdown(record: dict) -> str:
 
 def winners(record: dict) -> dict:
     """{head_dim: {kernel: settings}}: per (kernel, head_dim) the candidate with the least
-    total time over the causal cases it was timed in, among those timed in all of them."""
+    total time over the causal cases it was timed in, among those timed in all of them;
+    bwd_blocked only where it beat the split backward (module docstring)."""
     times: dict = {}
     for r in record["rows"]:
         key = (r["kernel"], r["head_dim"])
         if "ms" in r:
             times.setdefault(key, {}).setdefault(tuple(r["settings"]), {})[r["causal"]] = r["ms"]
     out: dict = {}
+    best_total: dict = {}
     for (kernel, d), by_cfg in times.items():
         n_cases = max(len(v) for v in by_cfg.values())
         full = {cfg: sum(v.values()) for cfg, v in by_cfg.items() if len(v) == n_cases}
         best = min(full, key=full.get)
         out.setdefault(str(d), {})[kernel] = list(best)
+        best_total[(kernel, d)] = full[best]
+    # bwd_blocked switches the backward's structure (attention_bwd_structure): keep it only
+    # where its whole-backward time beat the split structure's best (bwd_dkdv / bwd_dq rows
+    # are whole-backward times too)
+    for (kernel, d), total in best_total.items():
+        if kernel != "bwd_blocked":
+            continue
+        split = [best_total[(k, d)] for k in ("bwd_dkdv", "bwd_dq") if (k, d) in best_total]
+        if not split or total >= min(split):
+            del out[str(d)][kernel]
     return out
 
 
@@ -277,16 +318,19 @@ def main(argv=None) -> int:
     ap.add_argument("--winners", metavar="TUNE_JSON",
                     help="write this run's winners into the package's tuned table")
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--kernels", nargs="+", choices=list(SPACE), default=None,
+                    help="with --refresh-candidates: compile only these kernels' candidates")
     args = ap.parse_args(argv)
     if args.refresh_candidates:
         if os.environ.get("TRITON_INTERPRET") == "1":
             # ahead-of-time compiles need Triton's compiler, not its interpreter (which
             # benchmarks/__init__.py turns on where there is no GPU): run again without it
             env = {**os.environ, "TRITON_INTERPRET": "0"}
-            again = ["--refresh-candidates"] + (["--jobs", str(args.jobs)] if args.jobs else [])
+            again = (["--refresh-candidates"] + (["--jobs", str(args.jobs)] if args.jobs else [])
+                     + (["--kernels", *args.kernels] if args.kernels else []))
             return subprocess.call([sys.executable, "-m", "benchmarks.tune", *again], env=env,
                                    cwd=REPO)
-        out = refresh_candidates(args.jobs)
+        out = refresh_candidates(args.jobs, kernels=args.kernels)
         n = sum(len(v) for a in out.values() for d in a.values() for v in d.values())
         print(f"wrote {CANDIDATES_PATH}: {n} candidates without spills")
         return 0

@@ -72,6 +72,25 @@ def test_winners_are_the_least_total_time_over_the_cases_timed():
                                             "64": {"decode": [16, 64, 4, 3]}}
 
 
+def test_blocked_backward_is_a_winner_only_where_it_beat_the_split_one():
+    """bwd_blocked (the structure switch) is kept for a head_dim only when its fastest
+    whole-backward time is below the fastest bwd_dkdv / bwd_dq one."""
+    def rows(d, kernel, settings, ms):
+        return [dict(kernel=kernel, head_dim=d, causal=c, settings=settings, ms=ms)
+                for c in (True, False)]
+
+    record = dict(rows=rows(64, "bwd_dkdv", [32, 128, 8, 3], 1.0)
+                  + rows(64, "bwd_dq", [128, 64, 8, 3], 1.1)
+                  + rows(64, "bwd_blocked", [32, 128, 8, 5], 0.8)
+                  + rows(64, "bwd_blocked", [32, 64, 4, 5], 0.9)
+                  + rows(128, "bwd_dkdv", [16, 128, 8, 2], 2.0)
+                  + rows(128, "bwd_blocked", [16, 128, 8, 3], 2.0))
+    out = tune.winners(record)
+    assert out["64"]["bwd_blocked"] == [32, 128, 8, 5]
+    assert out["64"]["bwd_dkdv"] == [32, 128, 8, 3]
+    assert "bwd_blocked" not in out["128"] and out["128"]["bwd_dkdv"] == [16, 128, 8, 2]
+
+
 def test_write_winners_keeps_other_capabilities(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"8.0": {"64": {"fwd": [128, 64, 8, 2]}}}))

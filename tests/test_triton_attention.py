@@ -1,8 +1,9 @@
 """The Triton flash attention (llama_kernels/triton/: the launchers of flash_attention.py, the
 kernels of attention_fwd.py, attention_decode.py and attention_bwd.py, the settings of
-attention_launch.py): forward, lse, backward, grouped-query heads, bottom-right causal masks,
-the split-KV decode path and its combine, strided inputs, opcheck, torch.compile, and an
-ahead-of-time compile for sm_80 / sm_90.
+attention_launch.py; the backward's blocked structure, attention_bwd_blocked.py, in
+test_triton_attention_bwd_blocked.py, its AOT cases here): forward, lse, backward,
+grouped-query heads, bottom-right causal masks, the split-KV decode path and its combine,
+strided inputs, opcheck, torch.compile, and an ahead-of-time compile for sm_80 / sm_90.
 
 Kernels run on CPU tensors under TRITON_INTERPRET=1 where there is no GPU (conftest.py sets
 it before triton is imported), about 1 ms per program instance, so shapes are small; the
@@ -353,14 +354,16 @@ def test_aot_cases_follow_attention_launch_settings():
     for c in fa.AOT_CASES:
         arch = fa.AOT_CASE_ARCH[c.name]
         kernel = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "bwd_dkdv",
-                  "_attn_bwd_dq_kernel": "bwd_dq"}.get(c.fn.__name__)
+                  "_attn_bwd_dq_kernel": "bwd_dq",
+                  "_attn_bwd_blocked_kernel": "bwd_blocked"}.get(c.fn.__name__)
         if kernel:
             cfg = launch.attention_launch_settings(kernel, c.constexprs["HEAD_DIM"],
                                                    (arch // 10, arch % 10))
             assert (c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"], c.num_warps,
                     c.num_stages) == tuple(cfg), c.name
     for word in ("attn_fwd_causal", "attn_decode", "attn_combine", "attn_bwd_dkdv",
-                 "attn_bwd_dq", "attn_bwd_preprocess"):
+                 "attn_bwd_dq", "attn_bwd_preprocess", "attn_bwd_blocked_causal",
+                 "attn_bwd_blocked "):
         for tag in ("d64 fp16 sm_80", "d128 bf16 sm_90"):
             assert any(n.startswith(word) and n.endswith(tag) for n in names), (word, tag)
 
@@ -470,7 +473,7 @@ with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
 # Dynamic shared memory a block may use: 163 KB on A100 (sm_80), 227 KB on H100 (sm_90).
 SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 DOT_KERNELS = ("_attn_fwd_kernel", "_attn_fwd_splitkv_kernel", "_attn_bwd_dkdv_kernel",
-               "_attn_bwd_dq_kernel")
+               "_attn_bwd_dq_kernel", "_attn_bwd_blocked_kernel")
 
 
 @pytest.fixture(scope="module")

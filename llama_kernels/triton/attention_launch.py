@@ -8,6 +8,9 @@ sm_90 (and checks for register spills) is what runs there.
 
     attention_launch_settings(kernel, head_dim, arch, rows=, elem_bytes=) -> AttentionLaunch
         kernel: one of KERNELS; arch: the device capability, None under the interpreter
+    attention_bwd_structure(head_dim, arch, elem_bytes=) -> "split" | "blocked"
+        the backward's structure (BWD_STRUCTURES): "split" unless the tuned table holds a
+        bwd_blocked winner for this capability and head_dim
     num_splits_heuristic(n_programs, n_key_blocks, num_sms) -> key splits of a decode step
         With slots = num_sms * DECODE_PROGRAMS_PER_SM programs resident at once and n programs
         unsplit: 1 when n >= 0.8 slots; else the smallest s whose wave efficiency
@@ -21,7 +24,8 @@ Tuned settings: ``attention_tuned.json`` beside this file maps a GPU capability 
 head_dim ("128") to measured winners, ``{kernel: [block_m, block_n, num_warps, num_stages]}``,
 written by ``python -m benchmarks.tune --winners tune.json`` from a GPU run's timings. An entry
 replaces the rules below for 16-bit inputs on exactly that capability and head_dim (decode
-keeps its rows-sized block_m); everything else falls back to the rules. The table is data,
+keeps its rows-sized block_m), and a bwd_blocked entry also selects the blocked backward
+there; everything else falls back to the rules. The table is data,
 and what it names is compiled ahead of time like the rules' choices (flash_attention.AOT_CASES),
 so an entry that spills fails the same test.
 """
@@ -61,8 +65,12 @@ class AttentionLaunch(NamedTuple):
     num_stages: int
 
 
-KERNELS = ("fwd", "decode", "combine", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
-TUNED_KERNELS = ("fwd", "decode", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "decode", "combine", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_blocked")
+TUNED_KERNELS = ("fwd", "decode", "bwd_dkdv", "bwd_dq", "bwd_blocked")
+# The backward's two structures: "split", a dK/dV kernel and a dQ kernel (attention_bwd.py,
+# settings bwd_dkdv and bwd_dq); "blocked", one kernel whose programs do both roles
+# (attention_bwd_blocked.py, settings bwd_blocked). Both follow the delta preprocess.
+BWD_STRUCTURES = ("split", "blocked")
 TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
 
 
@@ -114,7 +122,8 @@ def attention_launch_settings(kernel: str, head_dim: int, arch: tuple[int, int] 
                 "combine": AttentionLaunch(1, 1, 1, 1),
                 "bwd_preprocess": AttentionLaunch(32, 1, 1, 1),
                 "bwd_dkdv": AttentionLaunch(16, 32, 1, 1),
-                "bwd_dq": AttentionLaunch(32, 16, 1, 1)}[kernel]
+                "bwd_dq": AttentionLaunch(32, 16, 1, 1),
+                "bwd_blocked": AttentionLaunch(16, 32, 1, 1)}[kernel]
     sm90 = arch[0] >= 9
     # sm_80 has 164 KB of shared memory per block, sm_86/89 only 99 KB: one stage fewer there.
     small_smem = arch[0] == 8 and arch[1] != 0
@@ -159,6 +168,21 @@ def attention_launch_settings(kernel: str, head_dim: int, arch: tuple[int, int] 
             cfg = AttentionLaunch(32, 128, 8, 3) if sm90 else AttentionLaunch(16, 128, 8, 2)
         else:
             cfg = AttentionLaunch(16, 128, 8, 2) if sm90 else AttentionLaunch(32, 32, 8, 2)
+    elif kernel == "bwd_blocked":
+        # block_m streams (BLOCK_M1 queries in the dK/dV role, BLOCK_N2 keys in the dQ role),
+        # block_n stays on chip (BLOCK_N1 keys, BLOCK_M2 queries): the fused-attention
+        # tutorial's 32 / 128, 4 warps, 5 stages on Hopper and 3 on Ampere.
+        # The AOT compile moves off those where they spill (Triton 3.8): 4 warps at d64 sm_90
+        # need 255 registers and spill 1192 bytes (32 x 64 x 4 warps: 252, none); sm_90 keeps
+        # 32 x 128 on 8 warps at d64 (255 / 242 causal / not, 5 stages), and at d128 halves the
+        # stream to 16 x 128 (32 x 128 spills 32 bytes non-causal, 3 stages; 5 spill 192).
+        # sm_80: 32 x 64 on 8 warps (32 x 128 spills 300 bytes on 4 warps, 24 on 8).
+        if big:
+            cfg = AttentionLaunch(16, 32, 8, 2)
+        elif sm90:
+            cfg = AttentionLaunch(32, 128, 8, 5) if d <= 64 else AttentionLaunch(16, 128, 8, 3)
+        else:
+            cfg = AttentionLaunch(32, 64, 8, 3)
     else:  # bwd_dq
         # BLOCK_M queries held (Q, dO, fp32 dQ) while key blocks stream by (Triton's
         # fused-attention tutorial: 128 x 32 at d64). 8 warps: with 4, sm80 spills at d64
@@ -172,7 +196,7 @@ def attention_launch_settings(kernel: str, head_dim: int, arch: tuple[int, int] 
     tuned = _tuned(kernel, d, arch) if elem_bytes == 2 else None
     if tuned is not None:
         return tuned._replace(block_m=cfg.block_m) if kernel == "decode" else tuned
-    if elem_bytes > 2 and kernel in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
+    if elem_bytes > 2 and kernel in ("fwd", "decode", "bwd_dkdv", "bwd_dq", "bwd_blocked"):
         # fp32 tiles take twice the shared memory and registers (and run on FMA units with
         # input_precision="ieee"): halve both tile sides (at most 32) and keep two stages,
         # which stays in every shared-memory budget (d256 prefill 32 x 16: 66 KB). fp32 is
@@ -184,6 +208,17 @@ def attention_launch_settings(kernel: str, head_dim: int, arch: tuple[int, int] 
     if small_smem and cfg.num_stages > 2:
         cfg = cfg._replace(num_stages=cfg.num_stages - 1)
     return cfg
+
+
+def attention_bwd_structure(head_dim: int, arch: tuple[int, int] | None, *,
+                            elem_bytes: int = 2) -> str:
+    """The backward's structure (BWD_STRUCTURES) on ``arch``: "blocked" where the tuned table
+    has a bwd_blocked winner for this capability and head_dim (benchmarks/tune.py writes one
+    only when the blocked backward beat the split one there), else "split"."""
+    if arch is None or elem_bytes != 2:
+        return "split"
+    d = max(16, triton.next_power_of_2(head_dim))
+    return "blocked" if _tuned("bwd_blocked", d, arch) is not None else "split"
 
 
 def _device_arch(device: torch.device) -> tuple[int, int] | None:

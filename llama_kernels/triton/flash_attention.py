@@ -4,6 +4,9 @@ case list. The math and the kernels are in one file per kernel family:
     attention_decode.py   split-KV (flash-decoding) forward for Sq <= DECODE_MAX_SEQLEN_Q, and
                           the merge of its splits
     attention_bwd.py      backward: delta, dK and dV, dQ (deterministic, no atomics)
+    attention_bwd_blocked.py  the backward's second structure: one kernel whose programs do
+                          dK, dV of a key block and then dQ of a query block (Triton's
+                          fused-attention tutorial), after the same delta kernel
     attention_launch.py   block sizes, warps and stages (attention_launch_settings), the decode
                           threshold and split count
     _attention_common.py  layouts, base-2 convention and the @triton.jit helpers they share
@@ -26,6 +29,10 @@ and tile shapes the rules would not pick at test sizes):
     decode      (forward) True / False takes the split-KV / prefill path; default
                 Sq <= DECODE_MAX_SEQLEN_Q
     num_splits  (forward, decode path) key splits, >= 1; default num_splits_heuristic
+    structure   (backward) "split" or "blocked" (BWD_STRUCTURES); default: "blocked" when
+                settings has a bwd_blocked entry, "split" when it has bwd_dkdv or bwd_dq
+                (so a tuning run times the structure it names), else
+                attention_bwd_structure
 Output buffers, keyword-only: out, lse (forward) and dq, dk, dv (backward) are written instead
 of fresh tensors: the given shape and dtype, unit stride along head_dim (lse contiguous).
 
@@ -45,11 +52,13 @@ from llama_kernels.triton import _aot
 from llama_kernels.triton._attention_common import LOG2E, _dot_flags
 from llama_kernels.triton.attention_bwd import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                                 _attn_bwd_preprocess_kernel)
+from llama_kernels.triton.attention_bwd_blocked import _attn_bwd_blocked_kernel, mask_block
 from llama_kernels.triton.attention_decode import (SPLIT_CHUNK, _attn_fwd_splitkv_kernel,
                                                    _attn_splitkv_combine_kernel)
 from llama_kernels.triton.attention_fwd import _attn_fwd_kernel
-from llama_kernels.triton.attention_launch import (DECODE_MAX_SEQLEN_Q, KERNELS, MAX_SPLITS,
-                                                   AttentionLaunch, _device_arch, _num_sms,
+from llama_kernels.triton.attention_launch import (BWD_STRUCTURES, DECODE_MAX_SEQLEN_Q, KERNELS,
+                                                   MAX_SPLITS, AttentionLaunch, _device_arch,
+                                                   _num_sms, attention_bwd_structure,
                                                    attention_launch_settings,
                                                    num_splits_heuristic)
 
@@ -204,15 +213,18 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
                         *, settings: Mapping[str, AttentionLaunch] | None = None,
+                        structure: str | None = None,
                         dq: torch.Tensor | None = None, dk: torch.Tensor | None = None,
                         dv: torch.Tensor | None = None):
     """``(dq, dk, dv)``, contiguous, shapes and dtypes of q, k, v; deterministic (no atomics).
 
-    ``settings`` overrides the launch rules and ``dq``, ``dk``, ``dv`` are written instead of
-    fresh tensors (module docstring).
+    ``settings`` and ``structure`` override the launch rules and ``dq``, ``dk``, ``dv`` are
+    written instead of fresh tensors (module docstring).
     """
     _check_inputs(q, k, v, causal)
     settings = _check_overrides(settings)
+    if structure is not None and structure not in BWD_STRUCTURES:
+        raise ValueError(f"structure: expected one of {BWD_STRUCTURES}, got {structure!r}")
     for name, t in (("dout", dout), ("out", out)):
         if t.shape != q.shape or t.device != q.device:
             raise ValueError(f"{name}: expected shape {tuple(q.shape)} on {q.device}, got "
@@ -234,6 +246,13 @@ def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     meta = dict(CAUSAL=bool(causal), HEAD_DIM=d, BLOCK_D=block_d, **_dot_flags(q.dtype))
     softmax_scale_log2 = softmax_scale * LOG2E
+    if structure is None:
+        if "bwd_blocked" in settings:
+            structure = "blocked"
+        elif "bwd_dkdv" in settings or "bwd_dq" in settings:
+            structure = "split"
+        else:
+            structure = attention_bwd_structure(d, arch, elem_bytes=q.element_size())
     with _device_guard(q.device):
         cfg = _settings("bwd_preprocess", settings, d, arch)
         _attn_bwd_preprocess_kernel[(triton.cdiv(sq, cfg.block_m) * b * hq,)](
@@ -241,6 +260,17 @@ def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_D=block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if structure == "blocked":
+            cfg = _settings("bwd_blocked", settings, d, arch, elem_bytes=q.element_size())
+            _attn_bwd_blocked_kernel[(triton.cdiv(max(sq, sk), cfg.block_n) * b * hkv,)](
+                q, k, v, dout, lse, delta, dq, dk, dv,
+                sq, sk, hq, hkv, hq // hkv, softmax_scale, softmax_scale_log2,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+                *_strides(dk), *_strides(dv),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_BLOCK=mask_block(cfg.block_m),
+                **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            return dq, dk, dv
         cfg = _settings("bwd_dkdv", settings, d, arch, elem_bytes=q.element_size())
         _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n) * b * hkv,)](
             q, k, v, dout, lse, delta, dk, dv,
@@ -337,6 +367,13 @@ def _aot_cases() -> tuple[list[_aot.AotCase], dict[str, int]]:
                         f"attn_{kernel}_causal {tag}", fn,
                         dict(default=t, lse_ptr=f32, delta_ptr=f32),
                         dict(base, CAUSAL=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg))
+                cfg = attention_launch_settings("bwd_blocked", d, cap)
+                for causal in (True, False):
+                    new.append(_aot_case(
+                        f"attn_bwd_blocked{'_causal' if causal else ''} {tag}",
+                        _attn_bwd_blocked_kernel, dict(default=t, lse_ptr=f32, delta_ptr=f32),
+                        dict(base, CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             MASK_BLOCK=mask_block(cfg.block_m)), cfg))
                 for c in new:
                     arch_of[c.name] = arch
                 cases += new
