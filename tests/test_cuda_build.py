@@ -126,7 +126,7 @@ def test_every_cuda_schema_has_a_cuda_kernel():
                      "swiglu_fwd_cuda", "swiglu_bwd_cuda", "rotary_cuda",
                      "flash_attention_fwd_cuda", "flash_attention_bwd_cuda",
                      "flash_attention_varlen_fwd_cuda", "flash_attention_varlen_bwd_cuda",
-                     "cross_entropy_chunk_cuda"):
+                     "flash_attention_kvcache_cuda", "cross_entropy_chunk_cuda"):
         assert f"llama_kernels::{expected}" in names
     missing = [name for name in names
                if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")]
@@ -236,6 +236,11 @@ _CUDA_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     ("flash_attention_varlen_bwd_cuda",
      lambda: (*[torch.randn(3, 2, 64)] * 5, torch.randn(2, 3),
               *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3, True, 0.125), "q"),
+    ("flash_attention_kvcache_cuda",
+     lambda: (torch.randn(1, 1, 2, 64, dtype=torch.float16),
+              *[torch.zeros(1, 16, 2, 64, dtype=torch.float16)] * 2,
+              torch.zeros(1, dtype=torch.int32), None, None, None, None, None, False, True,
+              0.125), "q"),
     ("cross_entropy_chunk_cuda",
      lambda: (torch.randn(2, 8), torch.zeros(2, dtype=torch.int64), torch.empty(2),
               torch.ones(()), -100, True), "logits"),
